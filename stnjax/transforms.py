@@ -1,0 +1,98 @@
+"""Transform parameterisations: build `theta` / homographies from few parameters.
+
+All matrices act on normalised coordinates and are *pull* maps (output
+coordinate -> source coordinate), the convention of `affine_grid`. Hence a
+scale `s < 1` samples a smaller window of the input: it *zooms in* (the
+content appears magnified by 1/s), and a translation `tx > 0` moves the
+sampling window right, so the content appears to move *left*.
+
+Angles are in radians. With x to the right and y *down* (array rows), a
+positive angle turns the sampling grid clockwise on screen, so the content
+appears rotated counter-clockwise: `rts_theta(pi / 2, 1, 0, 0)` equals
+`jnp.rot90` on a square image.
+
+Scalar arguments broadcast against each other (any leading shape).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def identity_theta(ndim: int = 2, dtype=jnp.float32) -> jax.Array:
+  """The identity affine matrix, `(2, 3)` or `(3, 4)`."""
+  return jnp.eye(ndim, ndim + 1, dtype=dtype)
+
+
+def attention_theta(scale: jax.Array, tx: jax.Array, ty: jax.Array) -> jax.Array:
+  """The paper's attention transform `[[s, 0, tx], [0, s, ty]]`: isotropic scale + translation.
+
+  Args:
+    scale, tx, ty: arrays broadcasting to a common shape `S`.
+
+  Returns:
+    `S + (2, 3)`.
+  """
+  scale, tx, ty = jnp.broadcast_arrays(*(jnp.asarray(v, jnp.result_type(float, v))
+                                         for v in (scale, tx, ty)))
+  zero = jnp.zeros_like(scale)
+  return jnp.stack([jnp.stack([scale, zero, tx], -1), jnp.stack([zero, scale, ty], -1)], -2)
+
+
+def rts_theta(angle: jax.Array, scale: jax.Array, tx: jax.Array, ty: jax.Array) -> jax.Array:
+  """Rotation-scale-translation `[[s cos a, -s sin a, tx], [s sin a, s cos a, ty]]`.
+
+  Args:
+    angle: radians (see the module docstring for the direction).
+    scale, tx, ty: as in `attention_theta`.
+
+  Returns:
+    `S + (2, 3)` for the broadcast shape `S` of the arguments.
+  """
+  angle, scale, tx, ty = jnp.broadcast_arrays(*(jnp.asarray(v, jnp.result_type(float, v))
+                                                for v in (angle, scale, tx, ty)))
+  cos, sin = scale * jnp.cos(angle), scale * jnp.sin(angle)
+  return jnp.stack([jnp.stack([cos, -sin, tx], -1), jnp.stack([sin, cos, ty], -1)], -2)
+
+
+def affine_to_homography(theta: jax.Array) -> jax.Array:
+  """`(..., 2, 3)` affine -> `(..., 3, 3)` homography with last row `[0, 0, 1]`."""
+  theta = jnp.asarray(theta)
+  if theta.ndim < 2 or theta.shape[-2:] != (2, 3):
+    raise ValueError(f"`theta` must have shape (..., 2, 3), got {theta.shape}.")
+  last = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0], theta.dtype), theta.shape[:-2] + (1, 3))
+  return jnp.concatenate([theta, last], axis=-2)
+
+
+def homography_from_points(target: jax.Array, source: jax.Array) -> jax.Array:
+  """The homography mapping 4 `target` points onto 4 `source` points (pull map).
+
+  Solves the 8x8 direct linear system with `h_33 = 1`. Feed the result to
+  `projective_grid`: output pixels at `target[i]` then sample the input at
+  `source[i]`. Points are `(x, y)`, normalised.
+
+  Args:
+    target: `(..., 4, 2)` points in the output.
+    source: `(..., 4, 2)` where they sample the input.
+
+  Returns:
+    `(..., 3, 3)`.
+  """
+  target, source = jnp.asarray(target), jnp.asarray(source)
+  if target.shape[-2:] != (4, 2) or source.shape[-2:] != (4, 2):
+    raise ValueError(f"`target` and `source` must have shape (..., 4, 2), got {target.shape} "
+                     f"and {source.shape}.")
+  x, y = target[..., 0], target[..., 1]
+  u, v = source[..., 0], source[..., 1]
+  one, zero = jnp.ones_like(x), jnp.zeros_like(x)
+  rows_u = jnp.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
+  rows_v = jnp.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
+  system = jnp.concatenate([rows_u, rows_v], axis=-2)  # (..., 8, 8)
+  rhs = jnp.concatenate([u, v], axis=-1)
+  h = jnp.linalg.solve(system, rhs[..., None])[..., 0]
+  return jnp.concatenate([h, jnp.ones_like(h[..., :1])], -1).reshape(h.shape[:-1] + (3, 3))
+
+
+def corners(dtype=np.float32) -> np.ndarray:
+  """The 4 image corners `(x, y)` in normalised coordinates, `(4, 2)`: TL, TR, BR, BL."""
+  return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype)
