@@ -1,0 +1,368 @@
+"""Flax (linen) models of the paper: spatial transformers, FCN/CNN baselines, ST-FCN/ST-CNN.
+
+Conventions:
+
+* Images and feature maps are channels-last, batched: `(B, H, W, C)`, float.
+* A `SpatialTransformer` regresses transform parameters from its input with a
+  localisation network and a final `Dense` "regression" layer initialised to
+  the identity (zero kernel, bias = identity parameters), builds a *pull* grid
+  over its output size (normalised coordinates, last axis `(x, y)`,
+  `align_corners=False` by default, see `stnjax.grids`) and samples its input
+  bilinearly with `stnjax.grid_sample`. Untrained, it returns its input.
+* Classifiers return logits `(B, num_classes)`. ST classifiers also `sow`
+  each transformer's output under `("intermediates", "st_output")` and its
+  parameters under `("intermediates", "theta")`; read them with
+  `model.apply(variables, x, mutable=["intermediates"])`.
+
+Transform parameterisations (the regression layer's outputs, per example):
+
+=============  ======  ===========================================================
+transform      params  meaning / identity
+=============  ======  ===========================================================
+"affine"       6       `theta (2, 3)` row-major; identity `eye(2, 3)`
+"projective"   8       the homography's first 8 entries row-major, `h_33 = 1` fixed
+                       (the projective group has 8 degrees of freedom); identity
+                       `eye(3)[:8]`
+"tps"          32      16 source control points `(x, y)` of the 4x4 lattice
+                       (`stnjax.tps_control_points(4)`, x fastest); identity = the
+                       lattice itself
+"attention"    3       `(s, tx, ty)`: isotropic scale + translation; identity (1, 0, 0)
+"rts"          4       `(angle, s, tx, ty)` (radians); identity (0, 1, 0, 0)
+=============  ======  ===========================================================
+
+Model names understood by `create_model` (the paper's Table 1 and the
+addition experiment): `fcn`, `cnn`, `st_fcn_{aff,proj,tps,att,rts}`,
+`st_cnn_{aff,proj,tps,att,rts}`, and `<n>st_fcn_*` / `<n>st_cnn_*` with `n`
+parallel transformers whose outputs are concatenated along channels (the
+paper's 2xST-FCN for MNIST addition is `2st_fcn_aff` etc.).
+
+Architecture choices (REFERENCE.md section 1; UNVERIFIED details documented):
+
+* FCN: `Dense(w) -> ReLU -> Dense(w) -> ReLU -> Dense(num_classes)`.
+* CNN: `Conv(w, 9x9) -> ReLU -> maxpool 2 -> Conv(w, 7x7) -> ReLU -> maxpool 2
+  -> Dense(num_classes)`; 'SAME' padding for convolutions and pools (odd sizes
+  round up: 21 -> 11).
+* ST-FCN localisation: three `Dense(32) -> ReLU` layers (the paper says "fully
+  connected layers of 32 units"; the number of layers is UNVERIFIED).
+* ST-CNN localisation: `avgpool 2 -> Conv(20, 5x5) -> ReLU -> maxpool 2 ->
+  Conv(20, 5x5) -> ReLU -> Dense(20) -> ReLU`; 'SAME' padding (UNVERIFIED).
+* The width `w` of the classifier is the one free knob: `create_model` picks
+  it so that the whole model has about `param_budget` parameters (the paper:
+  about 400k for every model in a table row).
+* With `st_pool=2` (the paper's RTS and TC models) the transformer samples at
+  input resolution and its output is average-pooled by 2 before the
+  classifier.
+"""
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stnjax import grids
+from stnjax import sampling
+from stnjax import transforms
+
+TRANSFORMS = ("affine", "projective", "tps", "attention", "rts")
+# Model-name suffix -> transform type.
+TRANSFORM_SUFFIXES = {"aff": "affine", "proj": "projective", "tps": "tps",
+                      "att": "attention", "rts": "rts"}
+
+# The paper's localisation networks (REFERENCE.md section 1).
+FC_LOCALISATION_FEATURES = (32, 32, 32)
+CONV_LOCALISATION_FEATURES = (20, 20)
+CONV_LOCALISATION_KERNEL = (5, 5)
+CONV_LOCALISATION_DENSE = 20
+CONV_LOCALISATION_DOWNSAMPLE = 2
+TPS_LATTICE = 4  # 4 x 4 = 16 control points.
+
+
+def identity_params(transform: str, *, tps_lattice: int = TPS_LATTICE) -> np.ndarray:
+  """The flat identity parameters of `transform` (float32 numpy, see the module table)."""
+  if transform == "affine":
+    p = np.eye(2, 3).ravel()
+  elif transform == "projective":
+    p = np.eye(3).ravel()[:8]
+  elif transform == "tps":
+    p = grids.tps_control_points(tps_lattice).ravel()
+  elif transform == "attention":
+    p = np.array([1.0, 0.0, 0.0])
+  elif transform == "rts":
+    p = np.array([0.0, 1.0, 0.0, 0.0])
+  else:
+    raise ValueError(f"`transform` must be one of {TRANSFORMS}, got {transform!r}.")
+  return p.astype(np.float32)
+
+
+def transform_grid(transform: str, params: jax.Array, out_shape: Sequence[int], *,
+                   align_corners: bool = False) -> jax.Array:
+  """Sampling grid `(..., H_out, W_out, 2)` from flat parameters `(..., P)` of `transform`."""
+  params = jnp.asarray(params)
+  lead = params.shape[:-1]
+  if lead and math.prod(lead) == 1:
+    # Work around stnjax._batching.batched_apply, which fails (empty vmap) when
+    # every batch dimension is 1: build the single grid, then restore the dims.
+    grid = transform_grid(transform, params.reshape(params.shape[-1:]), out_shape,
+                          align_corners=align_corners)
+    return grid.reshape(lead + grid.shape)
+  size = identity_params(transform).size if transform != "tps" else None
+  if transform == "tps":
+    if params.shape[-1] % 2:
+      raise ValueError(f"`params` of a TPS transform must hold (x, y) pairs, got {params.shape}.")
+    points = params.reshape(params.shape[:-1] + (params.shape[-1] // 2, 2))
+    return grids.tps_grid(points, out_shape, align_corners=align_corners)
+  if transform not in TRANSFORMS:
+    raise ValueError(f"`transform` must be one of {TRANSFORMS}, got {transform!r}.")
+  if params.shape[-1:] != (size,):
+    raise ValueError(f"`params` of a {transform!r} transform must have shape (..., {size}), "
+                     f"got {params.shape}.")
+  if transform == "projective":
+    h = jnp.concatenate([params, jnp.ones_like(params[..., :1])], axis=-1)
+    return grids.projective_grid(h.reshape(h.shape[:-1] + (3, 3)), out_shape,
+                                 align_corners=align_corners)
+  if transform == "affine":
+    theta = params.reshape(params.shape[:-1] + (2, 3))
+  elif transform == "attention":
+    theta = transforms.attention_theta(params[..., 0], params[..., 1], params[..., 2])
+  else:  # rts
+    theta = transforms.rts_theta(params[..., 0], params[..., 1], params[..., 2], params[..., 3])
+  return grids.affine_grid(theta, out_shape, align_corners=align_corners)
+
+
+def _check_images(x: jax.Array, name: str = "x") -> None:
+  if x.ndim != 4:
+    raise ValueError(f"`{name}` must be a batch of channels-last images (B, H, W, C), "
+                     f"got shape {x.shape}.")
+
+
+class SpatialTransformer(nn.Module):
+  """Localisation net + identity-initialised regression + grid generator + bilinear sampler.
+
+  Attributes:
+    localisation: any module mapping `(B, H, W, C)` to features `(B, ...)`
+      (flattened before the regression layer).
+    transform: one of `TRANSFORMS` (see the module docstring for parameters).
+    output_size: `(H_out, W_out)` of the sampled output; `None` = input size.
+    align_corners, padding_mode: passed to the grid and `stnjax.grid_sample`.
+    tps_lattice: `k` of the `k x k` TPS control lattice.
+
+  Returns from `__call__(x)` with `x (B, H, W, C)` (any channel count: images
+  or feature maps): `(y (B, H_out, W_out, C), params (B, P))`.
+  """
+  localisation: nn.Module
+  transform: str = "affine"
+  output_size: tuple[int, int] | None = None
+  align_corners: bool = False
+  padding_mode: str = "zeros"
+  tps_lattice: int = TPS_LATTICE
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    _check_images(x)
+    identity = identity_params(self.transform, tps_lattice=self.tps_lattice)
+    out_size = tuple(x.shape[1:3]) if self.output_size is None else tuple(self.output_size)
+    if len(out_size) != 2 or any(int(s) < 1 for s in out_size):
+      raise ValueError(f"`output_size` must be two positive sizes (H_out, W_out), "
+                       f"got {self.output_size}.")
+    features = self.localisation(x)
+    features = features.reshape(features.shape[0], -1)
+    params = nn.Dense(identity.size, kernel_init=nn.initializers.zeros,
+                      bias_init=lambda key, shape, dtype=jnp.float32: jnp.asarray(identity, dtype),
+                      name="regression")(features)
+    grid = transform_grid(self.transform, params, out_size, align_corners=self.align_corners)
+    y = sampling.grid_sample(x, grid.astype(x.dtype), padding_mode=self.padding_mode,
+                             align_corners=self.align_corners)
+    return y, params
+
+
+class FCLocalisation(nn.Module):
+  """ST-FCN localisation: flatten, then `Dense(f) -> ReLU` for each `f` in `features`."""
+  features: Sequence[int] = FC_LOCALISATION_FEATURES
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for f in self.features:
+      x = nn.relu(nn.Dense(f)(x))
+    return x
+
+
+class ConvLocalisation(nn.Module):
+  """ST-CNN localisation: avgpool, convs with ReLU and a 2x maxpool between, dense + ReLU."""
+  features: Sequence[int] = CONV_LOCALISATION_FEATURES
+  kernel_size: tuple[int, int] = CONV_LOCALISATION_KERNEL
+  dense: int = CONV_LOCALISATION_DENSE
+  downsample: int = CONV_LOCALISATION_DOWNSAMPLE
+
+  @nn.compact
+  def __call__(self, x):
+    _check_images(x)
+    if self.downsample > 1:
+      d = (self.downsample, self.downsample)
+      x = nn.avg_pool(x, d, strides=d, padding="SAME")
+    for i, f in enumerate(self.features):
+      if i:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+      x = nn.relu(nn.Conv(f, self.kernel_size, padding="SAME")(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.relu(nn.Dense(self.dense)(x))
+
+
+class FCN(nn.Module):
+  """Fully connected classifier: `Dense(h) -> ReLU` per hidden width, then `Dense(num_classes)`."""
+  hidden: Sequence[int]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """Conv classifier: `Conv(f, k) -> ReLU -> maxpool 2` per layer, then `Dense(num_classes)`."""
+  features: Sequence[int]
+  kernel_sizes: Sequence[tuple[int, int]]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    _check_images(x)
+    if len(self.features) != len(self.kernel_sizes):
+      raise ValueError(f"`features` {self.features} and `kernel_sizes` {self.kernel_sizes} "
+                       "must have the same length.")
+    for f, k in zip(self.features, self.kernel_sizes):
+      x = nn.relu(nn.Conv(f, tuple(k), padding="SAME")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes)(x)
+
+
+class STClassifier(nn.Module):
+  """Parallel spatial transformers -> channel concat -> optional avgpool -> classifier.
+
+  Every transformer sees the whole input (all channels). Each transformer's
+  output and parameters are sown into `("intermediates", "st_output")` and
+  `("intermediates", "theta")` (tuples, one entry per transformer).
+  """
+  transformers: Sequence[SpatialTransformer]
+  classifier: nn.Module
+  pool: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    _check_images(x)
+    outputs = []
+    for st in self.transformers:
+      y, params = st(x)
+      self.sow("intermediates", "st_output", y)
+      self.sow("intermediates", "theta", params)
+      outputs.append(y)
+    y = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+    if self.pool > 1:
+      y = nn.avg_pool(y, (self.pool, self.pool), strides=(self.pool, self.pool), padding="SAME")
+    return self.classifier(y)
+
+
+_NAME = re.compile(r"^(?:(\d*)st_)?(fcn|cnn)(?:_([a-z]+))?$")
+
+
+def parse_model_name(name: str) -> tuple[int, str, str | None]:
+  """`name` -> (number of transformers, classifier "fcn"/"cnn", transform or None)."""
+  m = _NAME.match(name)
+  if m is None:
+    raise ValueError(f"`name` must look like 'fcn', 'cnn', 'st_cnn_aff' or '2st_fcn_tps', "
+                     f"got {name!r}.")
+  count, classifier, suffix = m.groups()
+  num_st = 0 if m.group(0).startswith(classifier) else int(count or 1)
+  if num_st and suffix not in TRANSFORM_SUFFIXES:
+    raise ValueError(f"`name` {name!r}: a spatial-transformer model needs a transform suffix, "
+                     f"one of {sorted(TRANSFORM_SUFFIXES)}.")
+  if not num_st and suffix is not None:
+    raise ValueError(f"`name` {name!r}: a transform suffix needs an 'st_' prefix.")
+  return num_st, classifier, TRANSFORM_SUFFIXES.get(suffix)
+
+
+def _build(name: str, input_shape: tuple[int, int, int], num_classes: int, width: int,
+           st_pool: int) -> nn.Module:
+  num_st, classifier_kind, transform = parse_model_name(name)
+  if classifier_kind == "fcn":
+    classifier = FCN(hidden=(width, width), num_classes=num_classes)
+  else:
+    classifier = CNN(features=(width, width), kernel_sizes=((9, 9), (7, 7)),
+                     num_classes=num_classes)
+  if not num_st:
+    return classifier
+  loc = FCLocalisation if classifier_kind == "fcn" else ConvLocalisation
+  sts = tuple(SpatialTransformer(localisation=loc(), transform=transform,
+                                 output_size=tuple(input_shape[:2]))
+              for _ in range(num_st))
+  return STClassifier(transformers=sts, classifier=classifier, pool=st_pool)
+
+
+def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
+  """Number of parameters of `model` on inputs `(1, *input_shape)` (no computation: eval_shape)."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(shapes["params"])))
+
+
+def solve_width(name: str, input_shape: Sequence[int], num_classes: int, param_budget: int, *,
+                st_pool: int = 1, max_width: int = 4096) -> int:
+  """The classifier width whose model has the parameter count closest to `param_budget`."""
+  input_shape = tuple(int(s) for s in input_shape)
+  count = lambda w: count_params(_build(name, input_shape, num_classes, w, st_pool), input_shape)
+  lo, hi = 1, max_width
+  if count(lo) >= param_budget:
+    raise ValueError(f"`param_budget`={param_budget} is below the smallest {name!r} model "
+                     f"({count(lo)} parameters) on inputs {input_shape}.")
+  while hi - lo > 1:  # Invariant: count(lo) < budget <= count(hi) (count grows with w).
+    mid = (lo + hi) // 2
+    if count(mid) < param_budget:
+      lo = mid
+    else:
+      hi = mid
+  return min((lo, hi), key=lambda w: abs(count(w) - param_budget))
+
+
+def create_model(name: str, input_shape: Sequence[int], num_classes: int, *,
+                 width: int | None = None, param_budget: int | None = None,
+                 st_pool: int = 1) -> nn.Module:
+  """Builds one of the paper's models (see the module docstring for names).
+
+  Args:
+    name: e.g. "fcn", "cnn", "st_fcn_aff", "st_cnn_tps", "2st_fcn_proj".
+    input_shape: `(H, W, C)` of one input image.
+    num_classes: number of output logits.
+    width: classifier width (hidden units of the FCN, filters of both CNN
+      convolutions). Exactly one of `width` and `param_budget` must be given.
+    param_budget: pick the width whose total parameter count is closest to
+      this (the paper: about 400k for all models of a table row).
+    st_pool: average-pool factor applied to the transformer output before the
+      classifier (the paper: 2 for RTS and TC, 1 otherwise). Ignored without
+      transformers.
+
+  Returns:
+    A flax module mapping `(B, H, W, C)` float images to `(B, num_classes)` logits.
+  """
+  parse_model_name(name)
+  input_shape = tuple(int(s) for s in input_shape)
+  if len(input_shape) != 3 or min(input_shape) < 1:
+    raise ValueError(f"`input_shape` must be (H, W, C) with positive sizes, got {input_shape}.")
+  if num_classes < 1:
+    raise ValueError(f"`num_classes` must be positive, got {num_classes}.")
+  if st_pool < 1:
+    raise ValueError(f"`st_pool` must be >= 1, got {st_pool}.")
+  if (width is None) == (param_budget is None):
+    raise ValueError(f"Give exactly one of `width` ({width}) and `param_budget` ({param_budget}).")
+  if width is None:
+    width = solve_width(name, input_shape, num_classes, param_budget, st_pool=st_pool)
+  if width < 1:
+    raise ValueError(f"`width` must be positive, got {width}.")
+  return _build(name, input_shape, num_classes, int(width), st_pool)

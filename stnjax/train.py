@@ -1,0 +1,421 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+* The training pool (uint8) is uploaded to the devices once; every batch is
+  drawn and distorted on the device by a jitted function of `(pool, keys,
+  step)`, with per-step keys `fold_in(data_key, step)`, so the host does no
+  per-step work beyond passing the step index.
+* The step is one pure jitted function `(state, batch) -> (state, metrics)`
+  with `donate_argnums=0`.
+* `config.num_seeds` independent models (seeds `config.seed + i`, each with
+  its own initialisation and data stream) are trained in one program with
+  `jax.vmap` over the parameter sets: one compile for a table row. Every
+  state leaf except `step` has a leading seed axis.
+* Data parallel over all devices with `jax.sharding`: a 1-D `Mesh` named
+  "data"; batches are sharded along the example axis, parameters and
+  optimizer state replicated. The same code runs on 1 CPU, 1 GPU or N
+  devices. Multi-host: set `config.distributed = True` (calls
+  `jax.distributed.initialize()`, which reads the cluster from the
+  environment, e.g. SLURM / TPU / `JAX_COORDINATOR_ADDRESS`); every host runs
+  the same program; only process 0 writes metrics and figures data (Orbax
+  coordinates checkpoints). Multi-host is untested here.
+* Evaluation covers the whole validation and test sets: they are padded to a
+  multiple of `config.eval_batch_size` with a mask, and exact counts
+  (`ncorrect`, `loss_sum`, `nseen`) are summed; the error is
+  `100 * (1 - ncorrect / nseen)`. For ST models it also reports the mean and
+  std over the set of every regressed transform parameter.
+
+`workdir` is the single source of truth:
+
+* `config.json`: written once (a later run with a different config logs a
+  warning and leaves it);
+* `metrics.jsonl`: one JSON object per logged step (train metrics every
+  `log_every` steps, eval metrics every `eval_every` steps and at the end);
+* `checkpoints/`: Orbax `CheckpointManager` (every `checkpoint_every` steps
+  and at the end, `keep_checkpoints` kept). A run restarted with the same
+  workdir resumes from the latest checkpoint (dropping metrics and figure
+  snapshots logged after it) and ends with exactly the same parameters as an
+  uninterrupted run;
+* `st_outputs/`: a fixed test batch (`inputs.npy`) and the first seed's
+  transformer outputs on it at every eval step (`step_XXXXXXXX.npy`), for
+  `stnjax.figures`.
+
+A non-finite training loss raises `FloatingPointError` naming the first bad
+step (checked at every log, eval and checkpoint step, so before any NaN
+state is saved).
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from stnjax import input_pipeline
+from stnjax import models
+
+
+class TrainState(NamedTuple):
+  """Training state; every leaf but `step` has a leading seed axis `(num_seeds, ...)`."""
+  step: jax.Array  # int32 scalar: number of steps taken.
+  params: Any
+  opt_state: Any
+
+
+def create_learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """`config.train` -> schedule. "step": lr * decay_factor ** (step // decay_every)."""
+  if config.lr_schedule == "constant":
+    return optax.constant_schedule(config.lr)
+  if config.lr_schedule == "step":
+    every = int(config.decay_every)
+    if every < 1:
+      raise ValueError(f"`config.train.decay_every` must be >= 1, got {every}.")
+    return lambda count: config.lr * config.decay_factor ** (count // every)
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
+                                              max(config.num_steps, config.warmup_steps + 1))
+  raise ValueError(f"`config.train.lr_schedule` must be 'constant', 'step' or 'cosine', "
+                   f"got {config.lr_schedule!r}.")
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """`config.train` -> optax optimizer ("sgd" with optional momentum, or "adam")."""
+  lr = create_learning_rate(config)
+  if config.optimizer == "sgd":
+    return optax.sgd(lr, momentum=config.get("momentum") or None)
+  if config.optimizer == "adam":
+    return optax.adam(lr)
+  raise ValueError(f"`config.train.optimizer` must be 'sgd' or 'adam', got {config.optimizer!r}.")
+
+
+def create_model_from_config(config, dataset):
+  m = config.model
+  return models.create_model(m.name, dataset.input_shape, dataset.num_classes,
+                             width=m.get("width"), param_budget=m.get("param_budget"),
+                             st_pool=m.get("st_pool", 1))
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_functions(model, optimizer, dataset, mesh, batch_size: int):
+  """The jitted functions of a run (pure; shardings from `mesh`).
+
+  Returns:
+    init(seed_keys (S, 2)) -> TrainState
+    sample_batch(pool_images, pool_labels, data_keys (S, 2), step) -> batch
+      {"image": (S, B, H, W, C), "label": (S, B)}, sharded along B.
+    train_step(state, batch) -> (state, metrics per seed)
+    eval_batch(params, images, labels, mask) -> exact sums per seed
+    st_outputs(params, images) -> the first seed's transformer outputs
+  """
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, "data"))
+  input_shape = dataset.input_shape
+
+  def init_one(key):
+    init_key, _ = jax.random.split(key)
+    params = model.init(init_key, jnp.zeros((1,) + input_shape, jnp.float32))["params"]
+    return params, optimizer.init(params)
+
+  @jax.jit
+  def init(seed_keys):
+    params, opt_state = jax.vmap(init_one)(seed_keys)
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    return jax.lax.with_sharding_constraint(state, replicated)
+
+  @jax.jit
+  def sample_batch(pool_images, pool_labels, data_keys, step):
+    def one(key):
+      return dataset.sample(jax.random.fold_in(key, step), pool_images, pool_labels, batch_size)
+    images, labels = jax.vmap(one)(data_keys)
+    batch = {"image": images, "label": labels}
+    return jax.lax.with_sharding_constraint(batch, batch_sharding)
+
+  def step_one(params, opt_state, images, labels):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, images)
+      return _cross_entropy(logits, labels).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params)}
+    return params, opt_state, metrics
+
+  def _train_step(state, batch):
+    params, opt_state, metrics = jax.vmap(step_one)(state.params, state.opt_state,
+                                                    batch["image"], batch["label"])
+    state = TrainState(state.step + 1, params, opt_state)
+    return jax.lax.with_sharding_constraint(state, replicated), metrics
+
+  train_step = jax.jit(_train_step, donate_argnums=0)
+
+  def eval_one(params, images, labels, mask):
+    logits, inter = model.apply({"params": params}, images, mutable=["intermediates"])
+    loss = _cross_entropy(logits, labels)
+    correct = jnp.argmax(logits, -1) == labels
+    sums = {"ncorrect": jnp.sum(jnp.where(mask, correct, False).astype(jnp.int32)),
+            "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
+            "nseen": jnp.sum(mask.astype(jnp.int32))}
+    thetas = inter.get("intermediates", {}).get("theta")
+    if thetas is not None:
+      theta = jnp.concatenate([t for t in jax.tree.leaves(thetas)], axis=-1)  # (B, P_total)
+      w = mask[:, None].astype(theta.dtype)
+      sums["theta_sum"] = jnp.sum(theta * w, 0)
+      sums["theta_sq_sum"] = jnp.sum(theta * theta * w, 0)
+    return sums
+
+  @jax.jit
+  def eval_batch(params, images, labels, mask):
+    images = input_pipeline.to_float(images)
+    images, labels, mask = jax.lax.with_sharding_constraint(
+        (images, labels, mask), NamedSharding(mesh, P("data")))
+    return jax.vmap(eval_one, in_axes=(0, None, None, None))(params, images, labels, mask)
+
+  @jax.jit
+  def st_outputs(params, images):
+    first = jax.tree.map(lambda p: p[0], params)
+    _, inter = model.apply({"params": first}, input_pipeline.to_float(images),
+                           mutable=["intermediates"])
+    outs = inter.get("intermediates", {}).get("st_output")
+    if outs is None:
+      return jnp.zeros((0,), jnp.float32)
+    return jnp.stack(list(outs), axis=1)  # (B, num_transformers, H, W, C)
+
+  return init, sample_batch, train_step, eval_batch, st_outputs
+
+
+def _pad_eval_set(images, labels, batch_size):
+  n = len(labels)
+  total = max(batch_size, math.ceil(n / batch_size) * batch_size)
+  pad = total - n
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  labels = np.concatenate([np.asarray(labels, np.int32), np.zeros((pad,), np.int32)])
+  mask = np.arange(total) < n
+  return images, labels, mask
+
+
+def evaluate(eval_batch, params, padded, batch_size: int) -> dict[str, np.ndarray]:
+  """Exact sums over a padded eval set (host loop over batches, one transfer at the end)."""
+  images, labels, mask = padded
+  totals = None
+  for i in range(0, len(labels), batch_size):
+    sums = eval_batch(params, images[i:i + batch_size], labels[i:i + batch_size],
+                      mask[i:i + batch_size])
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return jax.device_get(totals)
+
+
+def summarize_eval(split: str, sums: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Exact eval sums (per seed) -> JSON-ready metrics (error in %)."""
+  nseen = sums["nseen"].astype(np.float64)
+  error = 100.0 * (1.0 - sums["ncorrect"] / nseen)
+  loss = sums["loss_sum"] / nseen
+  out = {f"{split}/error": float(error.mean()), f"{split}/loss": float(loss.mean()),
+         f"{split}/error_per_seed": error.tolist(), f"{split}/loss_per_seed": loss.tolist(),
+         f"{split}/ncorrect": sums["ncorrect"].tolist(), f"{split}/nseen": int(sums["nseen"][0])}
+  if "theta_sum" in sums:
+    mean = sums["theta_sum"] / nseen[:, None]
+    var = np.maximum(sums["theta_sq_sum"] / nseen[:, None] - mean ** 2, 0.0)
+    out[f"{split}/theta_mean"] = mean.mean(0).tolist()  # Averaged over seeds.
+    out[f"{split}/theta_std"] = np.sqrt(var).mean(0).tolist()
+  return out
+
+
+class _MetricsWriter:
+  """Appends JSON lines to `metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, path: str, enabled: bool):
+    self.path, self.enabled = path, enabled
+
+  def truncate_after(self, step: int):
+    """Drops lines logged after `step` (from a run killed after its last checkpoint)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+    with open(self.path, "w") as f:
+      f.writelines(lines)
+
+  def write(self, step: int, metrics: Mapping[str, Any]):
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+
+
+def _write_config(config, workdir: str):
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if not os.path.exists(path):
+    with open(path, "w") as f:
+      f.write(text + "\n")
+  else:
+    with open(path) as f:
+      if f.read().strip() != text.strip():
+        logging.warning("%s exists and differs from this run's config; keeping the original.",
+                        path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config.num_seeds` models, evaluates them and writes everything to `workdir`.
+
+  Args:
+    config: see `experiments/configs/distorted_mnist.py` (fields `seed`,
+      `num_seeds`, `data.*`, `model.*`, `train.*`, `log_every`, `eval_every`,
+      `checkpoint_every`, `keep_checkpoints`, `eval_batch_size`,
+      `figure_examples`, `progress`, `distributed`).
+    workdir: output directory; an existing one is resumed.
+
+  Returns:
+    The final `TrainState` (leaves with a leading seed axis, on the devices).
+  """
+  if config.get("distributed"):
+    jax.distributed.initialize()
+  is_main = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    _write_config(config, workdir)
+
+  num_seeds, batch_size, num_steps = int(config.num_seeds), int(config.train.batch_size), int(
+      config.train.num_steps)
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  for name, value in (("config.train.batch_size", batch_size),
+                      ("config.eval_batch_size", config.eval_batch_size)):
+    if value % len(devices):
+      raise ValueError(f"`{name}`={value} must be divisible by the number of devices "
+                       f"({len(devices)}).")
+  if num_seeds < 1:
+    raise ValueError(f"`config.num_seeds` must be >= 1, got {num_seeds}.")
+
+  dataset = input_pipeline.load(config.data)
+  model = create_model_from_config(config, dataset)
+  optimizer = create_optimizer(config.train)
+  init, sample_batch, train_step, eval_batch, st_outputs = make_functions(
+      model, optimizer, dataset, mesh, batch_size)
+
+  replicated = NamedSharding(mesh, P())
+  put = lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda idx: x[idx])
+  pool_images, pool_labels = put(dataset.train_images), put(dataset.train_labels)
+  seed_keys = np.stack([np.asarray(jax.random.PRNGKey(config.seed + i)) for i in range(num_seeds)])
+  data_keys = put(np.stack([np.asarray(jax.random.split(k)[1]) for k in seed_keys]))
+  eval_bs = int(config.eval_batch_size)
+  eval_sets = {split: tuple(put(a) for a in _pad_eval_set(*dataset.eval_sets[split], eval_bs))
+               for split in ("validation", "test")}
+  fig_n = min(int(config.figure_examples), len(dataset.eval_sets["test"][1]))
+  fig_inputs = put(np.asarray(dataset.eval_sets["test"][0][:fig_n]))
+
+  state = init(put(seed_keys))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=int(config.keep_checkpoints), create=True, enable_async_checkpointing=False))
+  writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), is_main)
+  fig_dir = os.path.join(workdir, "st_outputs")
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    state = TrainState(*state) if not isinstance(state, TrainState) else state
+    logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
+    writer.truncate_after(latest)
+    if is_main and os.path.isdir(fig_dir):
+      for name in os.listdir(fig_dir):
+        if name.startswith("step_") and int(name[5:13]) > latest:
+          os.remove(os.path.join(fig_dir, name))
+  start = int(jax.device_get(state.step))
+
+  def save_st_outputs(step):
+    outs = np.asarray(jax.device_get(st_outputs(state.params, fig_inputs)))
+    if is_main and outs.size:
+      os.makedirs(fig_dir, exist_ok=True)
+      np.save(os.path.join(fig_dir, "inputs.npy"),
+              np.asarray(input_pipeline.to_float(np.asarray(dataset.eval_sets["test"][0][:fig_n]))))
+      np.save(os.path.join(fig_dir, f"step_{step:08d}.npy"), outs)
+
+  def run_eval(step):
+    metrics = {}
+    for split, padded in eval_sets.items():
+      metrics.update(summarize_eval(split, evaluate(eval_batch, state.params, padded, eval_bs)))
+    writer.write(step, metrics)
+    save_st_outputs(step)
+    return metrics
+
+  pending = []  # (step, device metrics) since the last flush.
+  last_flush = [time.perf_counter(), start]
+
+  def flush(step):
+    """Fetches pending train metrics, checks them, logs their means."""
+    if not pending:
+      return {}
+    steps = [s for s, _ in pending]
+    fetched = jax.device_get([m for _, m in pending])
+    pending.clear()
+    losses = np.stack([m["loss"] for m in fetched])  # (n, num_seeds)
+    bad = ~np.isfinite(losses)
+    if bad.any():
+      i, seed = np.argwhere(bad)[0]
+      raise FloatingPointError(f"Non-finite training loss {losses[i, seed]} at step {steps[i]} "
+                               f"(seed index {seed}, seed {config.seed + seed}); "
+                               f"workdir {workdir}.")
+    now = time.perf_counter()
+    metrics = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    metrics["train/loss_per_seed"] = losses.mean(0).tolist()
+    metrics["train/steps_per_sec"] = (step - last_flush[1]) / max(now - last_flush[0], 1e-9)
+    metrics["train/lr"] = float(create_learning_rate(config.train)(step - 1))
+    last_flush[:] = [now, step]
+    writer.write(step, metrics)
+    return metrics
+
+  if start == 0 and num_steps > 0:
+    run_eval(0)
+  progress = None
+  if config.get("progress") and is_main and start < num_steps:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm.tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True)
+  for step in range(start + 1, num_steps + 1):
+    batch = sample_batch(pool_images, pool_labels, data_keys, step - 1)
+    state, metrics = train_step(state, batch)
+    pending.append((step, metrics))
+    is_last = step == num_steps
+    is_eval = step % config.eval_every == 0 or is_last
+    is_ckpt = step % config.checkpoint_every == 0 or is_last
+    if step % config.log_every == 0 or is_eval or is_ckpt:
+      logged = flush(step)
+      if progress is not None and logged:
+        progress.set_postfix(loss=f"{logged['train/loss']:.4f}",
+                             steps_per_s=f"{logged['train/steps_per_sec']:.1f}")
+    if is_eval:
+      metrics = run_eval(step)
+      logging.info("step %d: test error %.2f%%, validation error %.2f%%", step,
+                   metrics["test/error"], metrics["validation/error"])
+    if is_ckpt:
+      manager.save(step, args=ocp.args.StandardSave(state))
+    if is_eval or is_ckpt:
+      last_flush[:] = [time.perf_counter(), step]  # Keep eval/checkpoint time out of steps/s.
+    if progress is not None:
+      progress.update(1)
+  if progress is not None:
+    progress.close()
+  if start >= num_steps and num_steps > 0:
+    logging.info("Checkpoint at step %d >= num_steps %d: nothing to train.", start, num_steps)
+  manager.wait_until_finished()
+  manager.close()
+  return state
