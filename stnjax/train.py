@@ -153,8 +153,8 @@ def make_functions(model, optimizer, dataset, mesh, batch_size: int):
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params)}
+               "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params)}
     return params, opt_state, metrics
 
   def _train_step(state, batch):
