@@ -28,7 +28,7 @@ import numpy as np
 
 # Synthetic stand-in: (image size, channels, classes) per variant, mirroring stnjax.data.
 SYNTHETIC_SHAPES = {"none": (28, 1, 10), "R": (28, 1, 10), "P": (28, 1, 10), "E": (28, 1, 10),
-                    "RTS": (42, 1, 10), "T": (42, 1, 10), "TC": (60, 1, 10),
+                    "RTS": (42, 1, 10), "T": (60, 1, 10), "TC": (60, 1, 10),
                     "addition": (42, 2, 19)}
 
 
@@ -81,18 +81,42 @@ def load(config) -> Dataset:
   raise ValueError(f"`config.data.source` must be 'mnist' or 'synthetic', got {config.source!r}.")
 
 
+def _data_function(data, name: str):
+  """`data.<name>`, or (while the data package is still being written) the same
+  function from `stnjax.data.distortions`."""
+  fn = getattr(data, name, None)
+  if fn is None:
+    from stnjax.data import distortions  # pylint: disable=g-import-not-at-top
+    fn = getattr(distortions, name)
+  return fn
+
+
+# Eval-set seeds of the fallback path (used only if `data.load_eval_set` is missing).
+_FALLBACK_EVAL_SEEDS = {"validation": 1, "test": 2}
+
+
+def _load_eval_set(data, variant, split, splits, data_dir):
+  if hasattr(data, "load_eval_set"):
+    return data.load_eval_set(variant, split, data_dir=data_dir)
+  generate = _data_function(data, "generate_eval_set")
+  images, labels = splits[split]
+  return generate(variant, np.asarray(images), np.asarray(labels),
+                  seed=_FALLBACK_EVAL_SEEDS[split])
+
+
 def _load_mnist(config) -> Dataset:
   from stnjax import data  # pylint: disable=g-import-not-at-top  (written in parallel)
   data_dir = config.get("data_dir") or None
   splits = data.load_mnist(data_dir=data_dir)
   pool_images, pool_labels = splits["train"]
   variant = config.variant
+  sample_train_batch = _data_function(data, "sample_train_batch")
 
   def sample(key, images, labels, batch_size):
-    x, y = data.sample_train_batch(variant, key, images, labels, batch_size)
+    x, y = sample_train_batch(variant, key, images, labels, batch_size)
     return to_float(x), y.astype(jnp.int32)
 
-  eval_sets = {split: data.load_eval_set(variant, split, data_dir=data_dir)
+  eval_sets = {split: _load_eval_set(data, variant, split, splits, data_dir)
                for split in ("validation", "test")}
   spec = jax.eval_shape(lambda k: sample(k, pool_images, pool_labels, 2), jax.random.PRNGKey(0))
   input_shape = tuple(spec[0].shape[1:])
