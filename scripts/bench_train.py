@@ -1,0 +1,209 @@
+"""Training steps/s: the PyTorch STN tutorial network vs stnjax, on this machine.
+
+  python scripts/bench_train.py [--steps 50] [--warmup 5]
+
+Rows (median steps/s over `--steps` timed steps after `--warmup`; each step
+is synchronised: `block_until_ready` / torch's eager CPU execution):
+
+1. torch: the PyTorch "Spatial Transformer Networks" tutorial network,
+   written here from its description (classifier conv(1,10,5)-maxpool-relu-
+   conv(10,20,5)-dropout2d-maxpool-relu-fc(320,50)-relu-dropout-fc(50,10);
+   localisation conv(1,8,7)-maxpool-relu-conv(8,10,5)-maxpool-relu; fc_loc
+   Linear(90,32)-ReLU-Linear(32,6), identity init), SGD lr 0.01, batch 64,
+   28x28, NLL loss on log-softmax.
+2. stnjax: the same network in flax + stnjax (same layers, dropout, SGD lr
+   0.01, batch 64), one jitted step.
+3. stnjax: the paper-size ST-CNN (`st_cnn_aff`, ~400k parameters) on 42x42 RTS
+   inputs at batch 256, with the training loop's own jitted step
+   (`stnjax.train.make_functions`, on-device batch sampling included).
+
+Prints a Markdown table with the ratio stnjax / torch and the device.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+
+import stnjax
+from stnjax import input_pipeline
+from stnjax import models
+from stnjax import train
+
+BATCH = 64
+
+
+def median_steps_per_sec(step, warmup, steps):
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return 1.0 / statistics.median(times)
+
+
+class TorchNet(torch.nn.Module):
+  """The PyTorch STN tutorial network."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(1, 10, kernel_size=5)
+    self.conv2 = torch.nn.Conv2d(10, 20, kernel_size=5)
+    self.conv2_drop = torch.nn.Dropout2d()
+    self.fc1 = torch.nn.Linear(320, 50)
+    self.fc2 = torch.nn.Linear(50, 10)
+    self.localization = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, kernel_size=7), torch.nn.MaxPool2d(2, stride=2), torch.nn.ReLU(True),
+        torch.nn.Conv2d(8, 10, kernel_size=5), torch.nn.MaxPool2d(2, stride=2), torch.nn.ReLU(True))
+    self.fc_loc = torch.nn.Sequential(torch.nn.Linear(10 * 3 * 3, 32), torch.nn.ReLU(True),
+                                      torch.nn.Linear(32, 3 * 2))
+    self.fc_loc[2].weight.data.zero_()
+    self.fc_loc[2].bias.data.copy_(torch.tensor([1, 0, 0, 0, 1, 0], dtype=torch.float))
+
+  def stn(self, x):
+    xs = self.localization(x).view(-1, 10 * 3 * 3)
+    theta = self.fc_loc(xs).view(-1, 2, 3)
+    grid = F.affine_grid(theta, x.size(), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+  def forward(self, x):
+    x = self.stn(x)
+    x = F.relu(F.max_pool2d(self.conv1(x), 2))
+    x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+    x = x.view(-1, 320)
+    x = F.relu(self.fc1(x))
+    x = F.dropout(x, training=self.training)
+    return F.log_softmax(self.fc2(x), dim=1)
+
+
+def bench_torch(warmup, steps):
+  torch.manual_seed(0)
+  model = TorchNet().train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.01)
+  x = torch.rand(BATCH, 1, 28, 28)
+  y = torch.randint(0, 10, (BATCH,))
+
+  def step():
+    opt.zero_grad()
+    loss = F.nll_loss(model(x), y)
+    loss.backward()
+    opt.step()
+
+  return median_steps_per_sec(step, warmup, steps)
+
+
+class TutorialLocalisation(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.max_pool(nn.Conv(8, (7, 7), padding="VALID")(x), (2, 2), (2, 2)))
+    x = nn.relu(nn.max_pool(nn.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+    return nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+
+
+class TutorialNet(nn.Module):
+  """The tutorial network in flax (channels-last), with stnjax's SpatialTransformer."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x, _ = models.SpatialTransformer(TutorialLocalisation(), "affine")(x)
+    x = nn.relu(nn.max_pool(nn.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+    x = nn.Conv(20, (5, 5), padding="VALID")(x)
+    x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(x)  # Dropout2d.
+    x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+    x = nn.relu(nn.Dense(50)(x.reshape(x.shape[0], -1)))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.log_softmax(nn.Dense(10)(x))
+
+
+def bench_flax_tutorial(warmup, steps):
+  model = TutorialNet()
+  x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
+  y = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
+  params = model.init(jax.random.key(2), x, train=False)["params"]
+  tx = optax.sgd(0.01)
+  state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+
+  @jax.jit
+  def train_step(state, x, y):
+    params, opt_state, step = state
+    key = jax.random.fold_in(jax.random.key(3), step)
+
+    def loss_fn(p):
+      logp = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+      return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, step + 1
+
+  train_step = jax.jit(train_step, donate_argnums=0)
+  holder = [state]
+
+  def step():
+    holder[0] = jax.block_until_ready(train_step(holder[0], x, y))
+
+  return median_steps_per_sec(step, warmup, steps)
+
+
+def bench_paper_st_cnn(warmup, steps, batch=256):
+  config = ml_collections.ConfigDict({"variant": "RTS", "source": "synthetic",
+                                      "synthetic_train_size": 512, "synthetic_eval_size": 8})
+  dataset = input_pipeline.load(config)
+  model = models.create_model("st_cnn_aff", dataset.input_shape, dataset.num_classes,
+                              param_budget=400_000, st_pool=2)
+  tx = optax.sgd(0.01)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  init, sample_batch, train_step, _, _ = train.make_functions(model, tx, dataset, mesh, batch)
+  state = init(jnp.asarray(jax.random.PRNGKey(0))[None])
+  pool = (jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
+  keys = jnp.asarray(jax.random.PRNGKey(1))[None]
+  holder = [state, 0]
+
+  def step():
+    batch_ = sample_batch(*pool, keys, holder[1])
+    holder[0], metrics = train_step(holder[0], batch_)
+    jax.block_until_ready(metrics)
+    holder[1] += 1
+
+  return median_steps_per_sec(step, warmup, steps), models.count_params(model,
+                                                                        dataset.input_shape)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--warmup", type=int, default=5)
+  args = parser.parse_args()
+  torch_sps = bench_torch(args.warmup, args.steps)
+  flax_sps = bench_flax_tutorial(args.warmup, args.steps)
+  paper_sps, paper_params = bench_paper_st_cnn(args.warmup, max(10, args.steps // 5))
+  device = jax.devices()[0]
+  print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}); jax {jax.__version__}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), stnjax "
+        f"{stnjax.__version__}, python {sys.version.split()[0]}\n")
+  print("| network | framework | batch | input | steps/s (median) | ratio vs torch |")
+  print("|---|---|---|---|---|---|")
+  print(f"| PyTorch STN tutorial | torch | {BATCH} | 28x28 | {torch_sps:.1f} | 1.00 |")
+  print(f"| PyTorch STN tutorial (same net) | stnjax/flax | {BATCH} | 28x28 | {flax_sps:.1f} | "
+        f"{flax_sps / torch_sps:.2f} |")
+  print(f"| paper ST-CNN Aff ({paper_params:,} params) | stnjax/flax | 256 | 42x42 RTS | "
+        f"{paper_sps:.2f} | - |")
+
+
+if __name__ == "__main__":
+  main()
