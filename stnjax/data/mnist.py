@@ -10,7 +10,10 @@ Where the IDX files come from, first match wins:
 
 1. the `mnist_dir` argument (`load_mnist(mnist_dir=...)`, a config field);
 2. the `STNJAX_MNIST_DIR` environment variable;
-3. a download of the four `.gz` files from `MNIST_URL` (needs internet).
+3. in a source checkout (`pyproject.toml` next to the `stnjax` package),
+   `../shared/data/mnist` relative to the checkout's root, if it exists (the
+   project machines' offline copy);
+4. a download of the four `.gz` files from `MNIST_URL` (needs internet).
 
 A directory may hold each file gzipped (`train-images-idx3-ubyte.gz`, by any
 gzip tool) or not (`train-images-idx3-ubyte`). Every file is verified by the
@@ -229,8 +232,17 @@ def download_mnist(target_dir: str | os.PathLike, url: str = MNIST_URL) -> Path:
   return target_dir
 
 
+def checkout_mnist_dir() -> Path | None:
+  """`<checkout root>/../shared/data/mnist` when stnjax runs from a source checkout and it exists."""
+  root = Path(__file__).resolve().parents[2]  # <root>/stnjax/data/mnist.py
+  candidate = root.parent / "shared" / "data" / "mnist"
+  if (root / "pyproject.toml").is_file() and candidate.is_dir():
+    return candidate
+  return None
+
+
 def resolve_mnist_dir(mnist_dir: str | os.PathLike | None = None) -> Path | None:
-  """The local IDX directory to use: `mnist_dir`, else `$STNJAX_MNIST_DIR`, else None (download).
+  """The local IDX directory to use, or None to download (module docstring: resolution order).
 
   Raises:
     ValueError: the given (or environment) directory does not exist.
@@ -239,7 +251,7 @@ def resolve_mnist_dir(mnist_dir: str | os.PathLike | None = None) -> Path | None
   if source is None and os.environ.get(MNIST_DIR_ENV):
     source, what = os.environ[MNIST_DIR_ENV], f"${MNIST_DIR_ENV}"
   if source is None:
-    return None
+    return checkout_mnist_dir()
   path = Path(source).expanduser()
   if not path.is_dir():
     raise ValueError(f"{what} must be a directory holding the four MNIST IDX files, got "
@@ -313,9 +325,20 @@ def _download_config():
   return tfds.download.DownloadConfig(try_download_gcs=False)
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+  """Rejects an IDX directory passed as the TFDS `data_dir` (the cache root)."""
+  if data_dir is not None and any(
+      (Path(data_dir) / f).is_file() or (Path(data_dir) / f"{f}.gz").is_file() for f in FILES):
+    raise ValueError(
+        f"`data_dir` is the TFDS data directory (where the prepared datasets are cached), but "
+        f"{str(data_dir)!r} holds MNIST IDX files: pass that directory as `mnist_dir=` (or "
+        f"${MNIST_DIR_ENV}) instead.")
+
+
 def prepare_mnist(data_dir: str | os.PathLike | None = None, *,
                   mnist_dir: str | os.PathLike | None = None) -> StnjaxMnist:
   """Builds the `stnjax_mnist` TFDS cache in `data_dir` if needed; returns the builder."""
+  check_data_dir(data_dir)
   builder = StnjaxMnist(data_dir=None if data_dir is None else os.fspath(data_dir),
                         mnist_dir=mnist_dir)
   builder.download_and_prepare(download_config=_download_config())
@@ -347,7 +370,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *,
     data_dir: the TFDS data directory holding the cache (default: TFDS's,
       `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
     mnist_dir: directory with the four IDX files, used only to build the
-      cache; default `$STNJAX_MNIST_DIR`, else download from `MNIST_URL`.
+      cache; default `$STNJAX_MNIST_DIR`, else a checkout's
+      `../shared/data/mnist`, else download from `MNIST_URL`.
 
   Returns:
     `{"train": Split, "validation": Split, "test": Split}`: images uint8
@@ -358,6 +382,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *,
   Raises:
     MnistFileError: an IDX file is missing, truncated, corrupt or wrong (only
       when the cache has to be built).
+    ValueError: `data_dir` holds IDX files (it is the cache, not the source).
   """
   data_dir = None if data_dir is None else os.fspath(Path(data_dir).expanduser().resolve())
   mnist_dir = None if mnist_dir is None else os.fspath(mnist_dir)

@@ -1,0 +1,612 @@
+"""Distorted-MNIST variants of the STN paper, as pure JAX functions that run on device.
+
+Jaderberg et al., *Spatial Transformer Networks*, NIPS 2015, Appendix A.4
+(the protocol as rebuilt in `shared/REFERENCE.md`, section 1). Every
+variant's parameters live in one place, the frozen `VARIANTS` registry; each
+entry cites its source and lists its UNVERIFIED assumptions in `unverified`.
+
+Conventions:
+
+* Inputs are MNIST digits, uint8 `(28, 28)` in [0, 255] (a "pool"
+  `(N, 28, 28)`, kept on the device). Outputs are float images in [0, 1],
+  channels-last `(B, S, S, C)` (C = 1; C = 2 for `addition`), labels int32
+  `(B,)`.
+* Warps are built on stnjax's grids and `stnjax.grid_sample` (bilinear,
+  zeros padding, `align_corners=False`: the background is black). They are
+  *pull* maps, so a digit drawn at size factor `s` uses a theta scale of
+  `1 / s` (times the canvas/digit size ratio).
+* Pixel coordinates in the parameters are `(x, y)` = (column, row), in
+  continuous pixel units whose origin is the top-left *edge* of the image:
+  pixel `(i, j)` covers `[j, j + 1) x [i, i + 1)`; its centre is
+  `(j + 0.5, i + 0.5)`.
+* Angles are in degrees; a positive angle turns the digit clockwise on
+  screen (x right, y down). The distributions are symmetric, so the sign
+  convention does not change the data distribution.
+
+Randomness: every function takes explicit keys. `sample_train_batch` draws
+pool indices and distortions from one key, so deriving the key from
+`(seed, step)` (`jax.random.fold_in(jax.random.key(seed), step)`) gives a
+reproducible stream that a resumed run continues exactly. `distort` takes
+one key per example; `generate_eval_set` derives example `i`'s key as
+`fold_in(key, i)`, so any chunking gives the same set.
+
+Placement without clipping (RTS, addition, T, TC):
+
+* RTS/addition (`placement="ink_box"`): the digit is rotated and scaled about
+  the centre of its *ink bounding box* (the box of its non-zero pixels,
+  widened by half a pixel on each side: the support of its bilinear
+  interpolation). The rotated, scaled box's axis-aligned extent is computed
+  for the drawn angle and scale, and the box centre is drawn uniformly in the
+  range that keeps that extent inside the canvas. (The whole 28x28 box cannot
+  be used: rotated by 45 degrees and scaled by 1.2 its extent is 47.5 px,
+  more than the 42 px canvas.) No ink is ever clipped.
+* T/TC (`placement="digit_box"`): the whole 28x28 digit box is pasted at an
+  integer offset uniform in [0, S - 28] on both axes (nearest sampling: an
+  exact copy), as in the usual cluttered-MNIST generators.
+"""
+
+import dataclasses
+import functools
+import types
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import stnjax
+
+MNIST_SIZE = 28
+KINDS = ("plain", "rotate", "rts", "projective", "tps", "translate", "clutter", "addition")
+_PAPER = "Jaderberg et al., Spatial Transformer Networks, NIPS 2015"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One distorted-MNIST variant: every parameter of its distortion.
+
+  Attributes:
+    name: registry key (lower case), also the TFDS config name.
+    paper_name: the paper's name (R, RTS, P, E, TC) or a control's.
+    kind: one of `KINDS`: which distortion function applies it.
+    image_size: output side S (images are S x S).
+    channels: output channels C (2 for addition: one digit per channel).
+    num_classes: 10, or 19 for addition (sums 0..18).
+    angle_range_deg: rotation uniform in this range (degrees), or None.
+    scale_range: digit size factor uniform in this range (1 = 28 px box), or None.
+    corner_std_px: std of each corner's displacement in x and y (pixels, P).
+    tps_lattice: k of the k x k TPS control lattice (E).
+    tps_std_px: std of each control point's displacement in x and y (pixels, E).
+    placement: "ink_box" or "digit_box" (module docstring), or None (centred).
+    num_clutter: clutter patches per image (TC).
+    clutter_size: side of each square clutter patch in pixels (TC).
+    clutter_crop_range: (lo, hi) of the top-left corner of the crop cut from
+      the clutter digit, in pixels, both axes, inclusive (TC).
+    description: one line.
+    source: where each parameter comes from.
+    unverified: the attributes that are assumptions (UNVERIFIED), not
+      taken from the paper.
+  """
+  name: str
+  paper_name: str
+  kind: str
+  image_size: int
+  channels: int = 1
+  num_classes: int = 10
+  angle_range_deg: tuple[float, float] | None = None
+  scale_range: tuple[float, float] | None = None
+  corner_std_px: float | None = None
+  tps_lattice: int | None = None
+  tps_std_px: float | None = None
+  placement: str | None = None
+  num_clutter: int = 0
+  clutter_size: int = 0
+  clutter_crop_range: tuple[int, int] | None = None
+  description: str = ""
+  source: str = ""
+  unverified: tuple[str, ...] = ()
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """`(S, S, C)` of one output image."""
+    return (self.image_size, self.image_size, self.channels)
+
+
+def _registry(*variants: Variant) -> Mapping[str, Variant]:
+  for v in variants:
+    assert v.kind in KINDS, v
+    assert all(hasattr(v, f) for f in v.unverified), v
+  return types.MappingProxyType({v.name: v for v in variants})
+
+
+VARIANTS: Mapping[str, Variant] = _registry(
+    Variant(
+        name="none", paper_name="MNIST", kind="plain", image_size=28,
+        description="Plain MNIST, no distortion (control).",
+        source="Control, not a paper variant."),
+    Variant(
+        name="r", paper_name="R", kind="rotate", image_size=28, angle_range_deg=(-90.0, 90.0),
+        description="Rotation uniform in [-90, 90] degrees about the image centre, 28x28.",
+        source=f"{_PAPER}, Appendix A.4: rotation U[-90, 90] deg (verbatim). "
+               "Image size 28x28 is the natural reading, not stated.",
+        unverified=("image_size",)),
+    Variant(
+        name="rts", paper_name="RTS", kind="rts", image_size=42, angle_range_deg=(-45.0, 45.0),
+        scale_range=(0.7, 1.2), placement="ink_box",
+        description="Rotation U[-45, 45] deg, scale U[0.7, 1.2], placed uniformly in 42x42.",
+        source=f"{_PAPER}, Appendix A.4 (agreed by 4+ reproductions): rotation U[-45, 45] deg, "
+               "scale U[0.7, 1.2], random location in a 42x42 image. The placement rule that "
+               "keeps the digit inside is ours.",
+        unverified=("placement",)),
+    Variant(
+        name="p", paper_name="P", kind="projective", image_size=28, scale_range=(0.75, 1.0),
+        corner_std_px=5.0,
+        description="Scale U[0.75, 1], then each of the 4 corners moved by N(0, 5 px); 28x28.",
+        source=f"{_PAPER}, Appendix A.4 (as rebuilt from 1 code source): scale U[0.75, 1], "
+               "corners moved by N(0, 5 px), projective warp. Image size not stated.",
+        unverified=("image_size",)),
+    Variant(
+        name="e", paper_name="E", kind="tps", image_size=28, scale_range=(0.75, 1.0),
+        tps_lattice=4, tps_std_px=1.5,
+        description="Scale U[0.75, 1], then 16 TPS control points (4x4 lattice) moved by "
+                    "N(0, 1.5 px); 28x28.",
+        source=f"{_PAPER}, Appendix A.4: 16 control points on a 4x4 regular grid moved by "
+               "N(0, 1.5 px), thin-plate-spline warp. The prior scale U[0.75, 1] (as for P) is "
+               "an assumption; set scale_range=(1.0, 1.0) to drop it.",
+        unverified=("scale_range", "image_size")),
+    Variant(
+        name="t", paper_name="T", kind="translate", image_size=60, placement="digit_box",
+        description="Digit at a uniformly random integer position in 60x60, no clutter (control).",
+        source="Control, not a paper variant: TC without the clutter.",
+        unverified=("placement",)),
+    Variant(
+        name="tc", paper_name="TC", kind="clutter", image_size=60, placement="digit_box",
+        num_clutter=6, clutter_size=6, clutter_crop_range=(4, 18),
+        description="Digit at a random position in 60x60 plus six 6x6 patches cut from other "
+                    "digits, at random positions (pixel-wise max).",
+        source=f"{_PAPER}, Section 4.1 / Appendix A.4: 60x60, digit at a random location, "
+               "six random 6x6 patches cut from other MNIST training digits. Ours: the crop "
+               "lies inside the central 20x20 digit box (top-left in [4, 18], so patches "
+               "rarely come out blank), patches lie fully inside the canvas, they combine with "
+               "the digit by a pixel-wise max, and they come from the same pool as the digit "
+               "(train pool for training, validation/test digits for those sets).",
+        unverified=("placement", "clutter_crop_range")),
+    Variant(
+        name="addition", paper_name="MNIST addition", kind="addition", image_size=42, channels=2,
+        num_classes=19, angle_range_deg=(-45.0, 45.0), scale_range=(0.7, 1.2),
+        placement="ink_box",
+        description="Two digits, each RTS-distorted independently in its own 42x42 channel; "
+                    "label = their sum (19 classes).",
+        source=f"{_PAPER}, Section 4.1 / Appendix A.4: two 42x42 channels, each digit RTS "
+               "distorted independently, 19 classes. The second digit is drawn uniformly "
+               "from the same pool (ours).",
+        unverified=("placement",)),
+)
+
+
+def get_variant(variant: "str | Variant") -> Variant:
+  """The `Variant` named `variant` (case-insensitive), or `variant` itself.
+
+  Raises:
+    ValueError: unknown name (the message lists the valid ones).
+  """
+  if isinstance(variant, Variant):
+    return variant
+  if isinstance(variant, str) and variant.lower() in VARIANTS:
+    return VARIANTS[variant.lower()]
+  raise ValueError(f"`variant` must be one of {tuple(VARIANTS)} (case-insensitive), got "
+                   f"{variant!r}.")
+
+
+# ---------------------------------------------------------------------------
+# Parameter draws (one example; vmapped by `distort`).
+
+
+def _ink_box(digit: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """Centre `(x, y)` and half-extent `(w/2, h/2)` of the bilinear support of the ink, in pixels.
+
+  Ink columns `j0..j1` are non-zero in `digit (28, 28)`; bilinear
+  interpolation spreads pixel `j` over `(j - 0.5, j + 1.5)`, so the support
+  is `[j0 - 0.5, j1 + 1.5]`. An empty digit gets the whole 28x28 box.
+  """
+  size = digit.shape[-1]
+  idx = jnp.arange(size)
+
+  def bounds(has_ink):
+    lo = jnp.min(jnp.where(has_ink, idx, size))
+    hi = jnp.max(jnp.where(has_ink, idx, -1))
+    empty = hi < lo
+    lo = jnp.where(empty, 0.0, lo - 0.5)
+    hi = jnp.where(empty, float(size), hi + 1.5)
+    return lo.astype(dtype), hi.astype(dtype)
+
+  ink = digit > 0
+  x0, x1 = bounds(jnp.any(ink, axis=0))
+  y0, y1 = bounds(jnp.any(ink, axis=1))
+  return jnp.stack([x0 + x1, y0 + y1]) / 2, jnp.stack([x1 - x0, y1 - y0]) / 2
+
+
+def _uniform(key, shape, dtype, bounds):
+  return jax.random.uniform(key, shape, dtype, bounds[0], bounds[1])
+
+
+def _draw_rotate(v: Variant, key, digit, dtype) -> dict[str, jax.Array]:
+  del digit
+  return {"angle": _uniform(key, (), dtype, v.angle_range_deg)}
+
+
+def _draw_rts(v: Variant, key, digit, dtype) -> dict[str, jax.Array]:
+  k_angle, k_scale, k_center = jax.random.split(key, 3)
+  angle = _uniform(k_angle, (), dtype, v.angle_range_deg)
+  scale = _uniform(k_scale, (), dtype, v.scale_range)
+  pivot, half = _ink_box(digit, dtype)
+  cos, sin = jnp.abs(jnp.cos(jnp.deg2rad(angle))), jnp.abs(jnp.sin(jnp.deg2rad(angle)))
+  extent = scale * jnp.stack([cos * half[0] + sin * half[1], sin * half[0] + cos * half[1]])
+  middle = v.image_size / 2
+  lo = jnp.minimum(extent, middle)
+  hi = jnp.maximum(v.image_size - extent, middle)
+  center = lo + jax.random.uniform(k_center, (2,), dtype) * (hi - lo)
+  return {"angle": angle, "scale": scale, "center": center, "pivot": pivot}
+
+
+def _draw_projective(v: Variant, key, digit, dtype) -> dict[str, jax.Array]:
+  del digit
+  k_scale, k_corners = jax.random.split(key)
+  return {"scale": _uniform(k_scale, (), dtype, v.scale_range),
+          "corner_offsets": v.corner_std_px * jax.random.normal(k_corners, (4, 2), dtype)}
+
+
+def _draw_tps(v: Variant, key, digit, dtype) -> dict[str, jax.Array]:
+  del digit
+  k_scale, k_points = jax.random.split(key)
+  n = v.tps_lattice ** 2
+  return {"scale": _uniform(k_scale, (), dtype, v.scale_range),
+          "control_offsets": v.tps_std_px * jax.random.normal(k_points, (n, 2), dtype)}
+
+
+def _draw_offset(v: Variant, key) -> jax.Array:
+  """Integer top-left `(x, y)` of the 28x28 digit box, uniform in [0, S - 28]."""
+  return jax.random.randint(key, (2,), 0, v.image_size - MNIST_SIZE + 1, jnp.int32)
+
+
+def _draw_clutter(v: Variant, key, index, pool_size) -> dict[str, jax.Array]:
+  k_index, k_crop, k_paste = jax.random.split(key, 3)
+  n = v.num_clutter
+  # Another digit than the main one: shift by 1..N-1 (any digit if the pool has one).
+  shift = jax.random.randint(k_index, (n,), 1, max(pool_size, 2), jnp.int32)
+  crop_lo, crop_hi = v.clutter_crop_range
+  return {
+      "clutter_index": (index + shift) % pool_size,
+      "clutter_crop": jax.random.randint(k_crop, (n, 2), crop_lo, crop_hi + 1, jnp.int32),
+      "clutter_offset": jax.random.randint(k_paste, (n, 2), 0,
+                                           v.image_size - v.clutter_size + 1, jnp.int32),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Rendering (batched; a pure function of the parameters and the pool).
+
+
+def similarity_theta(angle_deg, scale, center, pivot, *, out_size: int,
+                     in_size: int = MNIST_SIZE) -> jax.Array:
+  """Pull-map theta that draws the source point `pivot` at `center`, rotated and scaled.
+
+  Forward (source -> output, pixels): `p = center + scale * R(angle) (q - pivot)`.
+  The returned theta is its inverse in normalised coordinates
+  (`align_corners=False`), for `stnjax.affine_grid(theta, (out_size, out_size))`.
+
+  Args:
+    angle_deg: `(...)` degrees, clockwise on screen.
+    scale: `(...)` digit size factor.
+    center: `(..., 2)` output position `(x, y)`, pixels of the `out_size` canvas.
+    pivot: `(..., 2)` source position `(x, y)`, pixels of the `in_size` image.
+    out_size, in_size: canvas and source sides in pixels.
+
+  Returns:
+    `(..., 2, 3)`.
+  """
+  angle = -jnp.deg2rad(angle_deg)  # rts_theta rotates the grid: the inverse rotation.
+  k = out_size / (in_size * scale)
+  c_n = 2 * center / out_size - 1
+  b_n = 2 * pivot / in_size - 1
+  cos, sin = k * jnp.cos(angle), k * jnp.sin(angle)
+  tx = b_n[..., 0] - (cos * c_n[..., 0] - sin * c_n[..., 1])
+  ty = b_n[..., 1] - (sin * c_n[..., 0] + cos * c_n[..., 1])
+  return stnjax.rts_theta(angle, k, tx, ty)
+
+
+def _grid(grid_fn, transform: jax.Array, core_rank: int, out_size: int) -> jax.Array:
+  """`grid_fn(transform, (out_size, out_size))` for batched `transform`, any batch size.
+
+  Works around stnjax's grid batching, which rejects a batch whose dimensions
+  multiply to 1 (`jax.vmap` with no mapped axis): such a transform is passed
+  without its batch dimensions and they are restored on the grid.
+  """
+  batch = transform.shape[:transform.ndim - core_rank]
+  if batch and np.prod(batch) == 1:
+    grid = grid_fn(transform.reshape(transform.shape[len(batch):]), (out_size, out_size))
+    return grid.reshape(batch + grid.shape)
+  return grid_fn(transform, (out_size, out_size))
+
+
+def _to_float(digits: jax.Array, dtype) -> jax.Array:
+  return digits.astype(dtype)[..., None] / 255  # (..., 28, 28, 1) in [0, 1]
+
+
+def _translate(images, top_left, out_size, dtype, mode="nearest"):
+  """Pastes `images (..., 28, 28, 1)` with their pixel (0, 0) at integer `top_left (..., 2)`."""
+  half = MNIST_SIZE / 2
+  center = top_left.astype(dtype) + half
+  theta = similarity_theta(jnp.zeros(center.shape[:-1], dtype), jnp.ones(center.shape[:-1], dtype),
+                           center, jnp.full_like(center, half), out_size=out_size)
+  grid = _grid(stnjax.affine_grid, theta, 2, out_size)
+  return stnjax.grid_sample(images, grid, mode=mode)
+
+
+def _render_rts(params, digits, out_size, dtype):
+  theta = similarity_theta(params["angle"], params["scale"], params["center"], params["pivot"],
+                           out_size=out_size)
+  return stnjax.grid_sample(_to_float(digits, dtype),
+                            _grid(stnjax.affine_grid, theta, 2, out_size))
+
+
+def render(variant: "str | Variant", params: Mapping[str, jax.Array], pool_images: jax.Array,
+           *, dtype=jnp.float32) -> jax.Array:
+  """Draws the distorted images described by `params` (as returned by `distort`).
+
+  Deterministic: the same parameters give the same images.
+
+  Args:
+    variant: a `VARIANTS` name or a `Variant`.
+    params: batched parameters, leading axis B; `params["index"]` holds the
+      pool index of each digit (`(B,)`, or `(B, 2)` for addition).
+    pool_images: uint8 `(N, 28, 28)`.
+    dtype: float dtype of the output.
+
+  Returns:
+    `(B, S, S, C)` of `dtype` in [0, 1].
+  """
+  v = get_variant(variant)
+  digits = pool_images[params["index"]]
+  size = v.image_size
+  if v.kind == "plain":
+    return _to_float(digits, dtype)
+  if v.kind in ("rotate", "rts"):
+    if v.kind == "rotate":
+      middle = jnp.full(params["angle"].shape + (2,), MNIST_SIZE / 2, dtype)
+      params = dict(params, scale=jnp.ones_like(params["angle"]), center=middle, pivot=middle)
+    return _render_rts(params, digits, size, dtype)
+  if v.kind == "projective":
+    corners = jnp.asarray(stnjax.transforms.corners(), dtype)[None]  # (1, 4, 2)
+    target = params["scale"][:, None, None] * corners + params["corner_offsets"] * (2 / size)
+    homography = stnjax.homography_from_points(target, jnp.broadcast_to(corners, target.shape))
+    grid = _grid(stnjax.projective_grid, homography, 2, size)
+    return stnjax.grid_sample(_to_float(digits, dtype), grid)
+  if v.kind == "tps":
+    lattice = jnp.asarray(stnjax.tps_control_points(v.tps_lattice), dtype)[None]  # (1, k*k, 2)
+    points = (lattice + params["control_offsets"] * (2 / size)) / params["scale"][:, None, None]
+    grid = _grid(stnjax.tps_grid, points, 2, size)
+    return stnjax.grid_sample(_to_float(digits, dtype), grid)
+  if v.kind in ("translate", "clutter"):
+    canvas = _translate(_to_float(digits, dtype), params["offset"], size, dtype)
+    if v.kind == "translate":
+      return canvas
+    # Cut each 6x6 crop straight from the pool and scatter-max it into the canvas:
+    # integer crops and pastes need no sampler, and this is ~50x cheaper than
+    # sampling a full canvas per patch.
+    line = jnp.arange(v.clutter_size)
+    crop, paste = params["clutter_crop"], params["clutter_offset"]  # (B, n, 2) as (x, y)
+    rows, cols = line[None, None, :, None], line[None, None, None, :]  # (1, 1, 6, 1), (1, 1, 1, 6)
+    patches = pool_images[params["clutter_index"][..., None, None],
+                          crop[..., 1, None, None] + rows, crop[..., 0, None, None] + cols]
+    batch = jnp.arange(canvas.shape[0])[:, None, None, None]
+    clutter = jnp.zeros(canvas.shape[:-1], dtype).at[
+        batch, paste[..., 1, None, None] + rows, paste[..., 0, None, None] + cols].max(
+            patches.astype(dtype) / 255)
+    return jnp.maximum(canvas, clutter[..., None])
+  if v.kind == "addition":
+    b = params["index"].shape[0]
+    flat = {k: params[k].reshape((2 * b,) + params[k].shape[2:])
+            for k in ("angle", "scale", "center", "pivot")}
+    images = _render_rts(flat, digits.reshape(2 * b, MNIST_SIZE, MNIST_SIZE), size, dtype)
+    return images.reshape(b, 2, size, size).transpose(0, 2, 3, 1)
+  raise AssertionError(v.kind)
+
+
+# ---------------------------------------------------------------------------
+# Batched distortion, training batches, evaluation sets.
+
+
+def _typed_keys(keys, name: str, batch_shape: tuple[int, ...]) -> jax.Array:
+  """Typed PRNG keys of shape `batch_shape`; raw uint32 `(*batch_shape, 2)` keys are wrapped."""
+  keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) and keys.dtype == jnp.uint32:
+    if keys.shape[-1:] == (2,):
+      keys = jax.random.wrap_key_data(keys)
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) or keys.shape != batch_shape:
+    raise ValueError(f"`{name}` must be typed PRNG keys of shape {batch_shape} (jax.random.key) "
+                     f"or raw uint32 keys of shape {batch_shape + (2,)}, got {keys.dtype} "
+                     f"{keys.shape}.")
+  return keys
+
+
+def _check_pool(pool_images, pool_labels) -> int:
+  if pool_images.ndim != 3 or pool_images.shape[1:] != (MNIST_SIZE, MNIST_SIZE) \
+      or pool_images.dtype != jnp.uint8 or pool_images.shape[0] < 1:
+    raise ValueError(f"`pool_images` must be uint8 (N, 28, 28) with N >= 1, got "
+                     f"{pool_images.dtype} {pool_images.shape}.")
+  if pool_labels.shape != pool_images.shape[:1] or not jnp.issubdtype(pool_labels.dtype,
+                                                                      jnp.integer):
+    raise ValueError(f"`pool_labels` must be integer ({pool_images.shape[0]},) to match "
+                     f"`pool_images`, got {pool_labels.dtype} {pool_labels.shape}.")
+  return pool_images.shape[0]
+
+
+def distort(variant: "str | Variant", keys: jax.Array, indices: jax.Array,
+            pool_images: jax.Array, pool_labels: jax.Array, *,
+            dtype=jnp.float32) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Distorts the pool digits at `indices`, one key per example.
+
+  Example `b` depends only on `keys[b]`, `indices[b]` and the pool (TC cuts
+  its clutter from other pool digits; addition draws its second digit from
+  the pool).
+
+  Args:
+    variant: a `VARIANTS` name or a `Variant`.
+    keys: `(B,)` typed PRNG keys (`jax.random.key`), or raw uint32 `(B, 2)`,
+      one per example.
+    indices: int `(B,)`, pool index of each example's digit.
+    pool_images: uint8 `(N, 28, 28)` in [0, 255].
+    pool_labels: integer `(N,)` in [0, 9].
+    dtype: float dtype of the draws and images (float64 needs x64 enabled).
+
+  Returns:
+    `images (B, S, S, C)` of `dtype` in [0, 1]; `labels` int32 `(B,)` (the
+    sum for addition); `params`, a dict of the drawn parameters, leading
+    axis B: always `index` (pool indices, `(B,)`, or `(B, 2)` for addition)
+    and, by kind: `angle` (degrees), `scale`, `center` and `pivot` (`(x, y)`
+    pixels; rts, addition), `corner_offsets` (`(4, 2)` pixels; P),
+    `control_offsets` (`(16, 2)` pixels; E), `offset` (integer top-left
+    `(x, y)` of the digit box; T, TC), `clutter_index`, `clutter_crop` and
+    `clutter_offset` (TC), `digit_labels` (`(B, 2)`; addition).
+  """
+  v = get_variant(variant)
+  pool_images, pool_labels = jnp.asarray(pool_images), jnp.asarray(pool_labels)
+  n = _check_pool(pool_images, pool_labels)
+  indices = jnp.asarray(indices)
+  if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ValueError(f"`indices` must be integer (B,), got {indices.dtype} {indices.shape}.")
+  keys = _typed_keys(keys, "keys", indices.shape)
+  indices = indices.astype(jnp.int32)
+  digits = pool_images[indices]
+  labels = pool_labels[indices].astype(jnp.int32)
+  params: dict[str, Any] = {"index": indices}
+  if v.kind == "rotate":
+    params |= jax.vmap(functools.partial(_draw_rotate, v, dtype=dtype))(keys, digits)
+  elif v.kind == "rts":
+    params |= jax.vmap(functools.partial(_draw_rts, v, dtype=dtype))(keys, digits)
+  elif v.kind == "projective":
+    params |= jax.vmap(functools.partial(_draw_projective, v, dtype=dtype))(keys, digits)
+  elif v.kind == "tps":
+    params |= jax.vmap(functools.partial(_draw_tps, v, dtype=dtype))(keys, digits)
+  elif v.kind in ("translate", "clutter"):
+    split = jax.vmap(jax.random.split)(keys)
+    k_offset, k_clutter = split[:, 0], split[:, 1]
+    params["offset"] = jax.vmap(functools.partial(_draw_offset, v))(k_offset)
+    if v.kind == "clutter":
+      params |= jax.vmap(functools.partial(_draw_clutter, v, pool_size=n))(k_clutter, indices)
+  elif v.kind == "addition":
+    split = jax.vmap(functools.partial(jax.random.split, num=3))(keys)
+    k_first, k_second, k_index = split[:, 0], split[:, 1], split[:, 2]
+    second = jax.vmap(lambda k: jax.random.randint(k, (), 0, n, jnp.int32))(k_index)
+    draw = jax.vmap(functools.partial(_draw_rts, v, dtype=dtype))
+    first_params, second_params = draw(k_first, digits), draw(k_second, pool_images[second])
+    params = {k: jnp.stack([first_params[k], second_params[k]], axis=1) for k in first_params}
+    params["index"] = jnp.stack([indices, second], axis=1)
+    params["digit_labels"] = pool_labels[params["index"]].astype(jnp.int32)
+    labels = params["digit_labels"].sum(axis=1)
+  images = render(v, params, pool_images, dtype=dtype)
+  return images, labels, params
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "batch_size", "return_params"))
+def sample_train_batch(variant: "str | Variant", key: jax.Array, pool_images: jax.Array,
+                       pool_labels: jax.Array, batch_size: int, *, return_params: bool = False):
+  """A fresh training batch: random pool digits, freshly distorted, all on device (jitted).
+
+  Args:
+    variant: a `VARIANTS` name or a `Variant` (static).
+    key: a PRNG key, e.g. `jax.random.fold_in(jax.random.key(seed), step)`
+      (typed, or a raw uint32 `(2,)` key): the batch is a deterministic
+      function of it.
+    pool_images: uint8 `(N, 28, 28)` in [0, 255], e.g. the first 50k training
+      digits (`load_mnist()["train"].images`), already on the device.
+    pool_labels: integer `(N,)` in [0, 9].
+    batch_size: B (static).
+    return_params: also return the drawn parameters (see `distort`).
+
+  Returns:
+    `images` float32 `(B, S, S, C)` in [0, 1] and `labels` int32 `(B,)`
+    (and `params` if `return_params`).
+
+  Example:
+    >>> key = jax.random.fold_in(jax.random.key(0), step)  # doctest: +SKIP
+    >>> images, labels = sample_train_batch("rts", key, pool_images, pool_labels, 256)  # doctest: +SKIP
+  """
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+  n = _check_pool(jnp.asarray(pool_images), jnp.asarray(pool_labels))
+  k_index, k_distort = jax.random.split(_typed_keys(key, "key", ()))
+  indices = jax.random.randint(k_index, (batch_size,), 0, n, jnp.int32)
+  images, labels, params = distort(variant, jax.random.split(k_distort, batch_size), indices,
+                                   pool_images, pool_labels)
+  return (images, labels, params) if return_params else (images, labels)
+
+
+def variant_key(variant: "str | Variant", seed: int) -> jax.Array:
+  """The root key of a variant's evaluation set: `fold_in(key(seed), crc32(name))`."""
+  v = get_variant(variant)
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(v.name.encode()) & 0x7FFFFFFF)
+
+
+@functools.partial(jax.jit, static_argnames=("variant",))
+def _eval_chunk(variant, key, indices, pool_images, pool_labels):
+  return _eval_chunk_eager(variant, key, indices, pool_images, pool_labels)
+
+
+def _eval_chunk_eager(variant, key, indices, pool_images, pool_labels):
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices)
+  images, labels, params = distort(variant, keys, indices, pool_images, pool_labels,
+                                   dtype=jnp.float64)
+  return jnp.round(jnp.clip(images, 0, 1) * 255).astype(jnp.uint8), labels, params
+
+
+def generate_eval_set(variant: "str | Variant", images: np.ndarray, labels: np.ndarray, *,
+                      seed: int, indices: np.ndarray | None = None, chunk_size: int = 1000,
+                      jit: bool = True, return_params: bool = False):
+  """A fixed evaluation set: digit `i` distorted with key `fold_in(variant_key(variant, seed), i)`.
+
+  For reproducibility across machines and backends, the parameters and the
+  warp are computed in float64 (x64 enabled for the call; threefry pinned to
+  its partitionable form) and the result is rounded to uint8: float32
+  rounding differences (jit vs eager, CPU vs GPU) would otherwise flip
+  pixels that land near a rounding boundary.
+
+  Args:
+    variant: a `VARIANTS` name or a `Variant`.
+    images: uint8 `(N, 28, 28)`: the split's digits; also the pool for TC
+      clutter and the addition's second digit.
+    labels: integer `(N,)`.
+    seed: the split's seed.
+    indices: which examples to generate (default all `N`, in order); example
+      `i` is the same whatever else is generated with it.
+    chunk_size: examples per device call (memory bound only).
+    jit: compile (default) or run op by op; both give the same bytes.
+    return_params: also return the drawn parameters (numpy, float64 / int32;
+      see `distort`).
+
+  Returns:
+    uint8 `(M, S, S, C)` images in [0, 255] (`round(255 * x)`) and int32
+    `(M,)` labels, M = `len(indices)` (and the parameters if `return_params`).
+  """
+  v = get_variant(variant)
+  indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+  if indices.ndim != 1:
+    raise ValueError(f"`indices` must be 1-D, got shape {indices.shape}.")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+  fn = functools.partial(_eval_chunk, v.name) if jit else functools.partial(_eval_chunk_eager, v)
+  chunks = []
+  with jax.enable_x64(True), jax.threefry_partitionable(True):
+    key = variant_key(v, seed)
+    pool_images = jnp.asarray(images)
+    pool_labels = jnp.asarray(labels, jnp.int32)
+    for start in range(0, len(indices), chunk_size):
+      chunk = jnp.asarray(indices[start:start + chunk_size], jnp.int32)
+      chunks.append(jax.tree.map(np.asarray, fn(key, chunk, pool_images, pool_labels)))
+  if not chunks:
+    raise ValueError("`indices` (or `images`) is empty: nothing to generate.")
+  out_images, out_labels, params = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+  return (out_images, out_labels, params) if return_params else (out_images, out_labels)
