@@ -59,5 +59,8 @@ def batched_apply(fn: Callable[..., jax.Array], args: Sequence[jax.Array],
         a = jnp.broadcast_to(a, batch + core)
       flat_args.append(a.reshape((n,) + core))
       in_axes.append(0)
+  if all(axis is None for axis in in_axes):  # Every batch dimension has size 1.
+    out = fn(*flat_args)
+    return out.reshape(batch + out.shape)
   out = jax.vmap(fn, in_axes=tuple(in_axes))(*flat_args)
   return out.reshape(batch + out.shape[1:])
