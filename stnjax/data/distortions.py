@@ -506,7 +506,7 @@ def distort(variant: "str | Variant", keys: jax.Array, indices: jax.Array,
     params = {k: jnp.stack([first_params[k], second_params[k]], axis=1) for k in first_params}
     params["index"] = jnp.stack([indices, second], axis=1)
     params["digit_labels"] = pool_labels[params["index"]].astype(jnp.int32)
-    labels = params["digit_labels"].sum(axis=1)
+    labels = params["digit_labels"].sum(axis=1, dtype=jnp.int32)
   images = render(v, params, pool_images, dtype=dtype)
   return images, labels, params
 
