@@ -190,8 +190,8 @@ def test_identity_parameters_give_back_the_digit(pool, variant):
 
 
 def test_batch_of_one(pool):
-  params = {k: v[:1] for k, v in _identity_params("p", np.arange(3, dtype=np.int32)).items()}
-  image = np.asarray(data.render("p", params, pool[0]))
+  params = {k: v[:1] for k, v in _identity_params("e", np.arange(3, dtype=np.int32)).items()}
+  image = np.asarray(data.render("e", params, pool[0]))
   np.testing.assert_allclose(image[0, ..., 0], np.asarray(pool[0][0]) / 255, atol=1e-5)
 
 

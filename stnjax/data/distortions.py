@@ -317,39 +317,28 @@ def similarity_theta(angle_deg, scale, center, pivot, *, out_size: int,
   return stnjax.rts_theta(angle, k, tx, ty)
 
 
-def _grid(grid_fn, transform: jax.Array, core_rank: int, out_size: int) -> jax.Array:
-  """`grid_fn(transform, (out_size, out_size))` for batched `transform`, any batch size.
-
-  Works around stnjax's grid batching, which rejects a batch whose dimensions
-  multiply to 1 (`jax.vmap` with no mapped axis): such a transform is passed
-  without its batch dimensions and they are restored on the grid.
-  """
-  batch = transform.shape[:transform.ndim - core_rank]
-  if batch and np.prod(batch) == 1:
-    grid = grid_fn(transform.reshape(transform.shape[len(batch):]), (out_size, out_size))
-    return grid.reshape(batch + grid.shape)
-  return grid_fn(transform, (out_size, out_size))
-
-
 def _to_float(digits: jax.Array, dtype) -> jax.Array:
   return digits.astype(dtype)[..., None] / 255  # (..., 28, 28, 1) in [0, 1]
 
 
-def _translate(images, top_left, out_size, dtype, mode="nearest"):
-  """Pastes `images (..., 28, 28, 1)` with their pixel (0, 0) at integer `top_left (..., 2)`."""
+def _translate(images, top_left, out_size, dtype):
+  """Pastes `images (..., 28, 28, 1)` with their pixel (0, 0) at integer `top_left (..., 2)`.
+
+  Nearest sampling at integer offsets: an exact copy (no interpolation blur).
+  """
   half = MNIST_SIZE / 2
   center = top_left.astype(dtype) + half
   theta = similarity_theta(jnp.zeros(center.shape[:-1], dtype), jnp.ones(center.shape[:-1], dtype),
                            center, jnp.full_like(center, half), out_size=out_size)
-  grid = _grid(stnjax.affine_grid, theta, 2, out_size)
-  return stnjax.grid_sample(images, grid, mode=mode)
+  grid = stnjax.affine_grid(theta, (out_size, out_size))
+  return stnjax.grid_sample(images, grid, mode="nearest")
 
 
 def _render_rts(params, digits, out_size, dtype):
   theta = similarity_theta(params["angle"], params["scale"], params["center"], params["pivot"],
                            out_size=out_size)
   return stnjax.grid_sample(_to_float(digits, dtype),
-                            _grid(stnjax.affine_grid, theta, 2, out_size))
+                            stnjax.affine_grid(theta, (out_size, out_size)))
 
 
 def render(variant: "str | Variant", params: Mapping[str, jax.Array], pool_images: jax.Array,
@@ -382,12 +371,12 @@ def render(variant: "str | Variant", params: Mapping[str, jax.Array], pool_image
     corners = jnp.asarray(stnjax.transforms.corners(), dtype)[None]  # (1, 4, 2)
     target = params["scale"][:, None, None] * corners + params["corner_offsets"] * (2 / size)
     homography = stnjax.homography_from_points(target, jnp.broadcast_to(corners, target.shape))
-    grid = _grid(stnjax.projective_grid, homography, 2, size)
+    grid = stnjax.projective_grid(homography, (size, size))
     return stnjax.grid_sample(_to_float(digits, dtype), grid)
   if v.kind == "tps":
     lattice = jnp.asarray(stnjax.tps_control_points(v.tps_lattice), dtype)[None]  # (1, k*k, 2)
     points = (lattice + params["control_offsets"] * (2 / size)) / params["scale"][:, None, None]
-    grid = _grid(stnjax.tps_grid, points, 2, size)
+    grid = stnjax.tps_grid(points, (size, size))
     return stnjax.grid_sample(_to_float(digits, dtype), grid)
   if v.kind in ("translate", "clutter"):
     canvas = _translate(_to_float(digits, dtype), params["offset"], size, dtype)
