@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv if needed, then runs the sampler benchmark
-# (stnjax vs torch vs map_coordinates) and writes results/bench_sampler.json.
+# The main job: sets up .venv if needed, trains the default ST-CNN (affine) on
+# RTS-distorted MNIST with the short preset into workdirs/main (resumable:
+# re-running continues from the last checkpoint), writes the figures to
+# workdirs/main/figures and prints the test error and the wall time.
+#
+#   bash scripts/run.sh [--config.train.num_steps=...]   (extra flags go to experiments/train.py)
+#
+# MNIST is read from $STNJAX_MNIST_DIR (default ../shared/data/mnist); the
+# data package prepares its TFDS cache and the fixed RTS test set on first use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
-mkdir -p results
-exec .venv/bin/python scripts/bench_sampler.py --out results/bench_sampler.json "$@"
+export STNJAX_MNIST_DIR=${STNJAX_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}
+WORKDIR=${WORKDIR:-workdirs/main}
+start=$(date +%s)
+.venv/bin/python experiments/train.py \
+  --config "experiments/configs/distorted_mnist.py:model=st_cnn_aff,data=RTS,preset=short" \
+  --workdir "$WORKDIR" "$@"
+.venv/bin/python scripts/figures.py --workdir "$WORKDIR"
+end=$(date +%s)
+.venv/bin/python - "$WORKDIR" <<'PY'
+import json, sys
+evals = [m for m in map(json.loads, open(f"{sys.argv[1]}/metrics.jsonl")) if "test/error" in m]
+last = evals[-1]
+print(f"step {last['step']}: test error {last['test/error']:.2f}% "
+      f"({last['test/ncorrect'][0]}/{last['test/nseen']} correct), "
+      f"validation error {last['validation/error']:.2f}%")
+PY
+echo "wall time: $((end - start)) s"

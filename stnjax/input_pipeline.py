@@ -8,9 +8,10 @@ fixed evaluation sets, and the input shape / number of classes.
 Sources (`config.source`):
 
 * `"mnist"`: the distorted-MNIST variants of `stnjax.data` ("none", "R",
-  "RTS", "P", "E", "T", "TC", "addition"); MNIST is read from
-  `config.data_dir`, else `$STNJAX_MNIST_DIR`, else `../shared/data/mnist`
-  relative to the repository root (the data package's default).
+  "RTS", "P", "E", "T", "TC", "addition"); the MNIST IDX files are read from
+  `config.mnist_dir`, else `$STNJAX_MNIST_DIR`, else `../shared/data/mnist`
+  relative to the repository root; the TFDS cache (MNIST and the fixed
+  evaluation sets) lives in `config.tfds_dir`, else TFDS's default.
 * `"synthetic"`: a tiny, learnable stand-in with the same shapes (for tests:
   no files needed). Class `c` is a fixed random template; images are noisy,
   randomly shifted copies.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Synthetic stand-in: (image size, channels, classes) per variant, mirroring stnjax.data.
+# Synthetic stand-in: (image size, channels, classes) per variant, the shapes of stnjax.data.
 SYNTHETIC_SHAPES = {"none": (28, 1, 10), "R": (28, 1, 10), "P": (28, 1, 10), "E": (28, 1, 10),
                     "RTS": (42, 1, 10), "T": (60, 1, 10), "TC": (60, 1, 10),
                     "addition": (42, 2, 19)}
@@ -70,7 +71,7 @@ def to_float(images):
 
 
 def load(config) -> Dataset:
-  """Loads the data described by `config` (fields: source, variant, data_dir, ...)."""
+  """Loads the data described by `config` (fields: source, variant, mnist_dir, tfds_dir, ...)."""
   if config.variant not in SYNTHETIC_SHAPES:
     raise ValueError(f"`config.data.variant` must be one of {sorted(SYNTHETIC_SHAPES)}, "
                      f"got {config.variant!r}.")
@@ -81,48 +82,21 @@ def load(config) -> Dataset:
   raise ValueError(f"`config.data.source` must be 'mnist' or 'synthetic', got {config.source!r}.")
 
 
-def _data_function(data, name: str):
-  """`data.<name>`, or (while the data package is still being written) the same
-  function from `stnjax.data.distortions`."""
-  fn = getattr(data, name, None)
-  if fn is None:
-    from stnjax.data import distortions  # pylint: disable=g-import-not-at-top
-    fn = getattr(distortions, name)
-  return fn
-
-
-# Eval-set seeds of the fallback path (used only if `data.load_eval_set` is missing).
-_FALLBACK_EVAL_SEEDS = {"validation": 1, "test": 2}
-
-
-def _load_eval_set(data, variant, split, splits, data_dir):
-  if hasattr(data, "load_eval_set"):
-    return data.load_eval_set(variant, split, data_dir=data_dir)
-  generate = _data_function(data, "generate_eval_set")
-  images, labels = splits[split]
-  return generate(variant, np.asarray(images), np.asarray(labels),
-                  seed=_FALLBACK_EVAL_SEEDS[split])
-
-
 def _load_mnist(config) -> Dataset:
-  from stnjax import data  # pylint: disable=g-import-not-at-top  (written in parallel)
-  data_dir = config.get("data_dir") or None
-  splits = data.load_mnist(data_dir=data_dir)
-  pool_images, pool_labels = splits["train"]
-  variant = config.variant
-  sample_train_batch = _data_function(data, "sample_train_batch")
+  from stnjax import data  # pylint: disable=g-import-not-at-top  (keeps synthetic runs TFDS-free)
+  mnist_dir = config.get("mnist_dir") or None
+  tfds_dir = config.get("tfds_dir") or None
+  variant = data.get_variant(config.variant)
+  pool_images, pool_labels = data.load_mnist(tfds_dir, mnist_dir=mnist_dir)["train"]
 
   def sample(key, images, labels, batch_size):
-    x, y = sample_train_batch(variant, key, images, labels, batch_size)
+    x, y = data.sample_train_batch(variant.name, key, images, labels, batch_size)
     return to_float(x), y.astype(jnp.int32)
 
-  eval_sets = {split: _load_eval_set(data, variant, split, splits, data_dir)
+  eval_sets = {split: tuple(data.load_eval_set(variant.name, split, tfds_dir, mnist_dir=mnist_dir))
                for split in ("validation", "test")}
-  spec = jax.eval_shape(lambda k: sample(k, pool_images, pool_labels, 2), jax.random.PRNGKey(0))
-  input_shape = tuple(spec[0].shape[1:])
-  num_classes = SYNTHETIC_SHAPES[variant][2]
-  return Dataset(np.asarray(pool_images), np.asarray(pool_labels, np.int32), sample,
-                 eval_sets, input_shape, num_classes)
+  return Dataset(np.asarray(pool_images), np.asarray(pool_labels, np.int32), sample, eval_sets,
+                 (variant.image_size, variant.image_size, variant.channels), variant.num_classes)
 
 
 def _synthetic_split(templates: np.ndarray, n: int, seed: int, max_shift: int):

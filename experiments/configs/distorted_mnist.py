@@ -19,11 +19,11 @@ Commands:
   # override any field:
   ... --config.train.lr=0.05 --config.train.num_steps=500
 
-Expected (see scripts/run_main.sh and docs/models.md for the measurements):
+Expected (see scripts/run.sh and docs/models.md for the measurements):
 
 * `preset=short`, `st_cnn_aff` on RTS (width-32 classifier, 123,448 parameters):
   2,000 steps of batch 64, Adam 1e-3 with cosine decay. On the 2-core shared
-  CPU used for development (jax 0.10.2; no GPU), `scripts/run_main.sh`
+  CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh`
   measured 226 s wall in all (data loading, ~9-18 steps/s depending on the
   load, 5 evals of 20k images, figures) and a test error of 2.46% (9754 /
   10000), validation 2.60%; the transformer learns to zoom in (mean scale
@@ -86,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.variant = args["data"]
   config.data.source = "mnist"
-  config.data.data_dir = ""  # Empty: $STNJAX_MNIST_DIR or ../shared/data/mnist.
+  config.data.mnist_dir = ""  # MNIST IDX files. Empty: $STNJAX_MNIST_DIR or ../shared/data/mnist.
+  config.data.tfds_dir = ""  # TFDS cache for MNIST and the fixed eval sets. Empty: TFDS default.
   config.data.synthetic_train_size = 512  # Used by source="synthetic" only.
   config.data.synthetic_eval_size = 300
 
