@@ -13,7 +13,10 @@ is synchronised: `block_until_ready` / torch's eager CPU execution):
    28x28, NLL loss on log-softmax.
 2. stnjax: the same network in flax + stnjax (same layers, dropout, SGD lr
    0.01, batch 64), one jitted step.
-3. stnjax: the paper-size ST-CNN (`st_cnn_aff`, ~400k parameters) on 42x42 RTS
+3. torch and flax: the tutorial's classifier alone (no transformer), to
+   attribute the difference between rows 1 and 2 to the transformer or to
+   the framework's convolutions.
+4. stnjax: the paper-size ST-CNN (`st_cnn_aff`, ~400k parameters) on 42x42 RTS
    inputs at batch 256, with the training loop's own jitted step
    (`stnjax.train.make_functions`, on-device batch sampling included).
 
@@ -58,8 +61,9 @@ def median_steps_per_sec(step, warmup, steps):
 class TorchNet(torch.nn.Module):
   """The PyTorch STN tutorial network."""
 
-  def __init__(self):
+  def __init__(self, use_st=True):
     super().__init__()
+    self.use_st = use_st
     self.conv1 = torch.nn.Conv2d(1, 10, kernel_size=5)
     self.conv2 = torch.nn.Conv2d(10, 20, kernel_size=5)
     self.conv2_drop = torch.nn.Dropout2d()
@@ -80,7 +84,8 @@ class TorchNet(torch.nn.Module):
     return F.grid_sample(x, grid, align_corners=False)
 
   def forward(self, x):
-    x = self.stn(x)
+    if self.use_st:
+      x = self.stn(x)
     x = F.relu(F.max_pool2d(self.conv1(x), 2))
     x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
     x = x.view(-1, 320)
@@ -89,9 +94,9 @@ class TorchNet(torch.nn.Module):
     return F.log_softmax(self.fc2(x), dim=1)
 
 
-def bench_torch(warmup, steps):
+def bench_torch(warmup, steps, use_st=True):
   torch.manual_seed(0)
-  model = TorchNet().train()
+  model = TorchNet(use_st).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.01)
   x = torch.rand(BATCH, 1, 28, 28)
   y = torch.randint(0, 10, (BATCH,))
@@ -115,10 +120,12 @@ class TutorialLocalisation(nn.Module):
 
 class TutorialNet(nn.Module):
   """The tutorial network in flax (channels-last), with stnjax's SpatialTransformer."""
+  use_st: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x, _ = models.SpatialTransformer(TutorialLocalisation(), "affine")(x)
+    if self.use_st:
+      x, _ = models.SpatialTransformer(TutorialLocalisation(), "affine")(x)
     x = nn.relu(nn.max_pool(nn.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
     x = nn.Conv(20, (5, 5), padding="VALID")(x)
     x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(x)  # Dropout2d.
@@ -128,8 +135,8 @@ class TutorialNet(nn.Module):
     return nn.log_softmax(nn.Dense(10)(x))
 
 
-def bench_flax_tutorial(warmup, steps):
-  model = TutorialNet()
+def bench_flax_tutorial(warmup, steps, use_st=True):
+  model = TutorialNet(use_st)
   x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
   y = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
   params = model.init(jax.random.key(2), x, train=False)["params"]
@@ -190,6 +197,9 @@ def main():
   args = parser.parse_args()
   torch_sps = bench_torch(args.warmup, args.steps)
   flax_sps = bench_flax_tutorial(args.warmup, args.steps)
+  # The same classifier without the transformer, to attribute the difference.
+  torch_plain_sps = bench_torch(args.warmup, args.steps, use_st=False)
+  flax_plain_sps = bench_flax_tutorial(args.warmup, args.steps, use_st=False)
   paper_sps, paper_params = bench_paper_st_cnn(args.warmup, max(10, args.steps // 5))
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPU cores "
@@ -201,6 +211,10 @@ def main():
   print(f"| PyTorch STN tutorial | torch | {BATCH} | 28x28 | {torch_sps:.1f} | 1.00 |")
   print(f"| PyTorch STN tutorial (same net) | stnjax/flax | {BATCH} | 28x28 | {flax_sps:.1f} | "
         f"{flax_sps / torch_sps:.2f} |")
+  print(f"| tutorial classifier, no transformer | torch | {BATCH} | 28x28 | {torch_plain_sps:.1f} | "
+        f"1.00 |")
+  print(f"| tutorial classifier, no transformer | flax | {BATCH} | 28x28 | {flax_plain_sps:.1f} | "
+        f"{flax_plain_sps / torch_plain_sps:.2f} |")
   print(f"| paper ST-CNN Aff ({paper_params:,} params) | stnjax/flax | 256 | 42x42 RTS | "
         f"{paper_sps:.2f} | - |")
 
