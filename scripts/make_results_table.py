@@ -16,14 +16,27 @@ import os
 import numpy as np
 
 
-def read_run(workdir):
+def read_evals(workdir):
+  """`(config dict, every eval line of metrics.jsonl in step order)`; raises if none yet."""
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [m for m in map(json.loads, filter(str.strip, f)) if "test/error_per_seed" in m]
   if not evals:
     raise ValueError(f"{workdir}: no eval metrics yet.")
+  return config, evals
+
+
+def read_run(workdir):
+  """`(config dict, the last eval line)` of a workdir."""
+  config, evals = read_evals(workdir)
   return config, evals[-1]
+
+
+def format_mean_std(values):
+  """Errors (%) -> "mean +- std" (sample std, ddof=1), or the single value."""
+  e = np.asarray(values, np.float64)
+  return f"{e.mean():.2f} +- {e.std(ddof=1):.2f}" if len(e) > 1 else f"{e[0]:.2f}"
 
 
 def main():
@@ -49,8 +62,8 @@ def main():
   print("|---|---|---|---|---|---|---|")
   for (variant, name, source, _, _), row in rows.items():
     variant = variant if source == "mnist" else f"{variant} ({source})"
-    e = np.asarray(row["errors"])
-    measured = f"{e.mean():.2f} +- {e.std(ddof=1):.2f}" if len(e) > 1 else f"{e[0]:.2f}"
+    e = row["errors"]
+    measured = format_mean_std(e)
     paper = "-" if row["paper"] is None else f"{row['paper']}"
     steps = ",".join(str(s) for s in sorted(row["steps"]))
     print(f"| {variant} | `{name}` | {paper} | {measured} | {len(e)} | {steps} | {row['batch']} |")
