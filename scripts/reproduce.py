@@ -26,6 +26,13 @@ workdir whose `config.json` differs from the config this invocation would run
 pick another protocol name or delete the workdir. Records are written only
 by this script, only after a run has reached its last step.
 
+On a CPU, pass `--one_program_per_seed`: every seed k then runs as the cell
+`--seeds 1 --first_seed k` (its own program and workdir `..._from_seed<k>`,
+seed 0 in `<variant>_<model>`). XLA:CPU runs the vmapped seeds' convolutions
+(grouped convolutions after vmap) 5-10x slower per seed than separate
+programs, at ~18 GB peak memory for 3 ST-CNN seeds at batch 256 (measured on
+jax 0.10.2, 2 cores; docs/reproduction.md).
+
 Reduced protocols (`--num_steps`): the config's step count is replaced and,
 for the paper preset's step schedule (lr 0.01 / 10 every 50k of 150k steps),
 `decay_every` is scaled by `num_steps / 150k`, so the learning rate still
@@ -129,6 +136,10 @@ def parse_args(argv):
                       metavar="KEY=VALUE",
                       help="Any other config field, e.g. --set data.mnist_dir=/data/mnist "
                       "(repeatable; recorded; value parsed as JSON, else kept as a string).")
+  parser.add_argument("--one_program_per_seed", action="store_true",
+                      help="Train each seed k as its own program (--seeds 1 --first_seed k) "
+                      "instead of vmapping the seeds: much faster and lighter on XLA:CPU, "
+                      "where vmapped convolutions are slow (see docs/reproduction.md).")
   parser.add_argument("--time_steps", type=int, default=0,
                       help="Only time N training steps per cell (after 2 warm-up steps) and "
                       "print seconds per step; no training, no records.")
@@ -419,6 +430,8 @@ def main(argv=None):
   config_module = load_config_module()
   cells = [(v, m) for v in args.variants for m in args.models]
   configs = {(v, m): build_config(config_module, args, v, m) for v, m in cells}
+  if args.one_program_per_seed and not args.time_steps:
+    return _run_per_seed(args, config_module, cells, argv)
   if args.time_steps:
     info = device_info()
     rows = []
@@ -434,17 +447,31 @@ def main(argv=None):
             f"{t['s_per_step']:.3f} | {t['s_per_step'] / args.seeds:.3f} | "
             f"{t['compile_s']:.1f} | {t['eval_s']:.1f} ({t['eval_examples']}) |", flush=True)
     return rows
+  return _run_cells(
+      [(args, config, v, m) for (v, m), config in configs.items()], argv)
+
+
+def _run_per_seed(args, config_module, cells, argv):
+  """--one_program_per_seed: each seed k is its own cell `--seeds 1 --first_seed k`."""
+  jobs = []
+  for k in range(args.seeds):
+    sub = argparse.Namespace(**{**vars(args), "seeds": 1, "first_seed": args.first_seed + k,
+                                "one_program_per_seed": False})
+    jobs += [(sub, build_config(config_module, sub, v, m), v, m) for v, m in cells]
+  return _run_cells(jobs, argv)
+
+
+def _run_cells(jobs, argv):
   written, failed = [], []
-  for (v, m), config in configs.items():
+  for args, config, v, m in jobs:
     try:
       written += run_cell(args, config, v, m, argv)
     except Exception as e:  # pylint: disable=broad-except
       print(f"[reproduce] {args.protocol_name}/{v}_{m} FAILED: {type(e).__name__}: {e}",
             file=sys.stderr, flush=True)
-      failed.append((v, m, e))
+      failed.append(f"{v}_{m}" + (f" (seed {args.first_seed})" if args.seeds == 1 else ""))
   if failed:
-    raise SystemExit(f"{len(failed)} of {len(cells)} cells failed: "
-                     f"{', '.join(f'{v}_{m}' for v, m, _ in failed)}")
+    raise SystemExit(f"{len(failed)} of {len(jobs)} cells failed: {', '.join(failed)}")
   return written
 
 

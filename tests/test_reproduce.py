@@ -102,3 +102,18 @@ def test_reduced_protocol_scales_the_step_decay():
   assert reproduce.cell_command(args, "RTS", "cnn") == (
       "python scripts/reproduce.py --variants RTS --models cnn --preset paper --seeds 3 "
       "--num_steps 3000 --protocol_name reduced-cpu")
+
+
+def test_one_program_per_seed(tmp_path):
+  written = reproduce.main(["--variants", "R", "--models", "fcn", "--seeds", "2", "--preset",
+                            "test", "--protocol_name", "smoke", "--one_program_per_seed",
+                            "--output_dir", str(tmp_path / "results")])
+  assert sorted(os.path.basename(p) for p in written) == ["R_fcn_seed0.json", "R_fcn_seed1.json"]
+  workdirs = tmp_path / "workdirs" / "reproduce" / "smoke"
+  assert sorted(os.listdir(workdirs)) == ["R_fcn", "R_fcn_from_seed1"]
+  for path in written:
+    with open(path) as f:
+      r = json.load(f)
+    assert r["num_seeds_in_program"] == 1 and r["seed_index"] == 0
+    assert f"--seeds 1 --first_seed {r['seed']}" in r["command"] or (
+        r["seed"] == 0 and "--seeds 1 --protocol_name" in r["command"])
