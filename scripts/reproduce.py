@@ -70,6 +70,7 @@ Record schema (JSON, one file per seed; errors in %):
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -214,8 +215,15 @@ def cell_command(args, variant, model):
   return shlex.join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit():
-  """`(sha or sha-dirty, dirty)`; dirty = tracked files differ from HEAD (untracked ignored)."""
+  """`(sha or sha-dirty, dirty)`; dirty = tracked files differ from HEAD (untracked ignored).
+
+  Read once, when `main` starts (cached): a record must name the code that
+  was launched, not whatever HEAD is when a long run finishes. (Records
+  written before this fix, e.g. results/reduced-cpu-500/, read it at write
+  time.)
+  """
   def git(*cmd):
     return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -427,6 +435,7 @@ def main(argv=None):
   """Runs the grid; returns the list of record paths written (timing mode: the timings)."""
   argv = list(sys.argv if argv is None else ["scripts/reproduce.py", *argv])
   args = parse_args(argv[1:])
+  git_commit()  # Pin the launched commit (see git_commit).
   config_module = load_config_module()
   cells = [(v, m) for v in args.variants for m in args.models]
   configs = {(v, m): build_config(config_module, args, v, m) for v, m in cells}
