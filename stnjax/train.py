@@ -346,8 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     outs = np.asarray(jax.device_get(st_outputs(state.params, fig_inputs)))
     if is_main and outs.size:
       os.makedirs(fig_dir, exist_ok=True)
-      np.save(os.path.join(fig_dir, "inputs.npy"),
-              np.asarray(input_pipeline.to_float(np.asarray(dataset.eval_sets["test"][0][:fig_n]))))
+      inputs_path = os.path.join(fig_dir, "inputs.npy")
+      if not os.path.exists(inputs_path):  # The fixed test batch: written once.
+        np.save(inputs_path, np.asarray(input_pipeline.to_float(
+            np.asarray(dataset.eval_sets["test"][0][:fig_n]))))
       np.save(os.path.join(fig_dir, f"step_{step:08d}.npy"), outs)
 
   def run_eval(step):

@@ -55,21 +55,42 @@ def test_output_size_and_batch_of_one(rng):
   assert y.shape == (1, 6, 7, 2) and params.shape == (1, 3)
 
 
-# (name, input shape, classes, st_pool, width) -> exact parameter count. The
-# widths are the ones `solve_width` picks for the 400k budget (docs/models.md).
+# (name, input shape, classes, st_pool, width) -> exact parameter count: every
+# row of docs/models.md. The widths are the ones `solve_width` picks for the
+# 400k budget.
 PARAM_COUNTS = [
     ("fcn", (28, 28, 1), 10, 1, 349, 399_615),
     ("cnn", (28, 28, 1), 10, 1, 85, 402_740),
     ("st_fcn_aff", (28, 28, 1), 10, 1, 331, 400_477),
+    ("st_fcn_proj", (28, 28, 1), 10, 1, 331, 400_543),
+    ("st_fcn_tps", (28, 28, 1), 10, 1, 330, 399_878),
+    ("st_cnn_aff", (28, 28, 1), 10, 1, 81, 398_198),
+    ("st_cnn_proj", (28, 28, 1), 10, 1, 81, 398_240),
     ("st_cnn_tps", (28, 28, 1), 10, 1, 81, 398_744),
     ("fcn", (42, 42, 1), 10, 1, 202, 399_566),
     ("cnn", (42, 42, 1), 10, 1, 78, 398_980),
-    ("st_cnn_aff", (42, 42, 1), 10, 2, 79, 399_902),
     ("st_fcn_aff", (42, 42, 1), 10, 2, 400, 400_000),
+    ("st_fcn_proj", (42, 42, 1), 10, 2, 400, 400_066),
+    ("st_fcn_tps", (42, 42, 1), 10, 2, 399, 399_606),
+    ("st_cnn_aff", (42, 42, 1), 10, 2, 79, 399_902),
+    ("st_cnn_proj", (42, 42, 1), 10, 2, 79, 399_944),
+    ("st_cnn_tps", (42, 42, 1), 10, 2, 79, 400_448),
+    ("fcn", (60, 60, 1), 10, 1, 108, 401_770),
     ("cnn", (60, 60, 1), 10, 1, 70, 403_420),
+    ("st_fcn_aff", (60, 60, 1), 10, 2, 244, 399_616),
+    ("st_fcn_proj", (60, 60, 1), 10, 2, 244, 399_682),
+    ("st_fcn_tps", (60, 60, 1), 10, 2, 244, 400_474),
     ("st_cnn_aff", (60, 60, 1), 10, 2, 71, 399_038),
+    ("st_cnn_proj", (60, 60, 1), 10, 2, 71, 399_080),
+    ("st_cnn_tps", (60, 60, 1), 10, 2, 71, 399_584),
     ("fcn", (42, 42, 2), 19, 1, 109, 398_741),
+    ("cnn", (42, 42, 2), 19, 1, 69, 403_255),
+    ("st_fcn_aff", (42, 42, 2), 19, 2, 247, 399_307),
+    ("st_fcn_proj", (42, 42, 2), 19, 2, 247, 399_373),
+    ("st_fcn_tps", (42, 42, 2), 19, 2, 247, 400_165),
     ("2st_fcn_aff", (42, 42, 2), 19, 2, 90, 399_245),
+    ("2st_fcn_proj", (42, 42, 2), 19, 2, 90, 399_377),
+    ("2st_fcn_tps", (42, 42, 2), 19, 2, 90, 400_961),
 ]
 
 
