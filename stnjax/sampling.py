@@ -60,7 +60,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import custom_derivatives
 
 from stnjax import _batching
 
@@ -132,12 +131,20 @@ def _cubic_weights(t: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
 
 
 class _Spec(NamedTuple):
-  """Static description of one `_interpolate` call (hashable, for `custom_jvp`)."""
+  """Static description of one `_interpolate` call (hashable, for `custom_vjp`)."""
   spatial: tuple[int, ...]  # Image spatial shape, array order ((D,) H, W).
   mode: str
   padding_mode: str
   align_corners: bool
   num_images: int  # Images stacked in the flat image (1 = shared by every grid).
+
+
+class _Tap(NamedTuple):
+  """One interpolation tap for every output point: arrays of shape `(G, P)`."""
+  valid: jax.Array  # Whether the tap lies inside the image (else it contributes 0).
+  index: jax.Array  # int32 row of the flat image (clipped, so always in bounds).
+  weight: jax.Array  # Interpolation weight.
+  slopes: tuple[jax.Array, ...]  # d weight / d coordinate, one per array axis.
 
 
 def _axis_taps(coord: jax.Array, size: int, spec: _Spec):
@@ -165,71 +172,233 @@ def _axis_taps(coord: jax.Array, size: int, spec: _Spec):
   return positions, weights, derivatives
 
 
-def _interpolate_with_partials(image, coords, spec: _Spec, with_partials: bool):
-  """Sums weighted taps; optionally also d out / d coords (one array per axis).
+def _taps(coords: tuple[jax.Array, ...], spec: _Spec, first=0,
+          count: int | None = None) -> list[_Tap]:
+  """All tap combinations: 4 (bilinear), 8 (trilinear), 16 (bicubic) or 1 (nearest).
 
-  Args:
-    image: `(num_images * prod(spatial), C)` flat rows.
-    coords: tuple of `ndim` pixel-coordinate arrays `(G, P)`, one per array
-      axis (in array order), G = 1 or `num_images` (or any G when
-      num_images = 1). Kept separate: interleaved `(..., ndim)` arrays made
-      XLA:CPU emit slow fusions.
-
-  Returns:
-    `out (N, P, C)` and a list of `ndim` partials `(N, P, C)` (empty unless
-    `with_partials`), N = max(G, num_images).
+  With stacked images (`spec.num_images > 1`), taps are for the `count`
+  (default: all) images `first, first + 1, ...`; `first` may be traced.
   """
   ndim = len(spec.spatial)
   strides = [math.prod(spec.spatial[a + 1:]) for a in range(ndim)]
-  taps = [_axis_taps(coords[a], spec.spatial[a], spec) for a in range(ndim)]
+  per_axis = [_axis_taps(coords[a], spec.spatial[a], spec) for a in range(ndim)]
   offset = 0
   if spec.num_images > 1:
-    offset = (jnp.arange(spec.num_images, dtype=jnp.int32) * math.prod(spec.spatial))[:, None]
-  out = 0.0
-  partials = [0.0] * ndim if with_partials else []
-  # One gather per tap combination: 4 (bilinear), 8 (trilinear), 16 (bicubic), 1 (nearest).
-  for combo in itertools.product(*(range(len(t[0])) for t in taps)):
-    valid, index, weights, derivatives = True, offset, [], []
+    images = first + jnp.arange(spec.num_images if count is None else count, dtype=jnp.int32)
+    offset = (images * math.prod(spec.spatial))[:, None]
+  taps = []
+  for combo in itertools.product(*(range(len(positions)) for positions, _, _ in per_axis)):
+    valid, index = True, offset
     for a, t in enumerate(combo):
-      position = taps[a][0][t]
+      position = per_axis[a][0][t]
       valid = valid & (position >= 0) & (position <= spec.spatial[a] - 1)
       index = index + jnp.clip(position, 0, spec.spatial[a] - 1).astype(jnp.int32) * strides[a]
-      weights.append(taps[a][1][t])
-      derivatives.append(taps[a][2][t])
-    values = jnp.where(valid[..., None],
-                       image.at[index].get(mode="promise_in_bounds"), 0)  # (N, P, C)
-    if with_partials:  # Gather once for the output and all partials (see _interpolate_jvp).
-      values = jax.lax.optimization_barrier(values)
-    out = out + math.prod(weights)[..., None] * values
-    for a in range(len(partials)):
-      slope = math.prod(derivatives[a] if b == a else w for b, w in enumerate(weights))
-      partials[a] = partials[a] + slope[..., None] * values
-  return out, partials
+    weights = [per_axis[a][1][t] for a, t in enumerate(combo)]
+    slopes = tuple(
+        math.prod(per_axis[a][2][t] if b == a else w for b, w in enumerate(weights))
+        for a, t in enumerate(combo))
+    taps.append(_Tap(valid, index, math.prod(weights), slopes))
+  return taps
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _interpolate(image, coords, spec: _Spec):
-  """Interpolates the flat `image` at pixel `coords`; see `_interpolate_with_partials`."""
-  return _interpolate_with_partials(image, coords, spec, with_partials=False)[0]
+def _gather_rows(image: jax.Array, index: jax.Array) -> jax.Array:
+  """`image[index]` for in-bounds `index (G, P)` into rows `(R, C)`: `(G, P, C)`."""
+  dims = jax.lax.GatherDimensionNumbers(
+      offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0,))
+  return jax.lax.gather(image, index[..., None], dims, (1, image.shape[1]),
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-@functools.partial(_interpolate.defjvp, symbolic_zeros=True)
-def _interpolate_jvp(spec, primals, tangents):
-  image, coords = primals
-  image_dot, coords_dot = tangents
-  coords_dot_is_zero = type(coords_dot) is custom_derivatives.SymbolicZero
-  with_partials = spec.mode != "nearest" and not coords_dot_is_zero
-  out, partials = _interpolate_with_partials(image, coords, spec, with_partials)
-  # Materialise the partials in the forward pass. Without the barriers XLA:CPU
-  # fused the gathers into the loop that writes the (N, P, ndim) cotangent of
-  # the grid, re-gathering for every element: 3-5x slower gradients.
-  partials = jax.lax.optimization_barrier(partials)
-  out_dot = jnp.zeros_like(out)
-  for a, partial in enumerate(partials):
-    out_dot = out_dot + partial * coords_dot[a][..., None]
-  if type(image_dot) is not custom_derivatives.SymbolicZero:
-    out_dot = out_dot + _interpolate(image_dot, coords, spec)  # Linear in the image.
-  return out, out_dot
+def _scatter_add_rows(target: jax.Array, index: jax.Array, updates: jax.Array) -> jax.Array:
+  """`target.at[index].add(updates)` for in-bounds `index (G, P)`, `updates (G, P, C)`."""
+  dims = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=(2,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,))
+  return jax.lax.scatter_add(target, index[..., None], updates, dims,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _sum_channels(arrays: list[jax.Array]) -> list[jax.Array]:
+  """Sums each `(G, P, C)` array over C, as one variadic reduction.
+
+  A plain `jnp.sum` per array was 5x slower on XLA:CPU, whose YNN reduction
+  fusions re-gathered every element; a variadic reduce is not claimed by them.
+  """
+  if arrays[0].shape[-1] == 1:
+    return [x[..., 0] for x in arrays]
+  zero = jnp.zeros((), arrays[0].dtype)
+  return list(jax.lax.reduce(tuple(arrays), (zero,) * len(arrays),
+                             lambda a, b: tuple(x + y for x, y in zip(a, b)), (2,)))
+
+
+def _sample(image, coords, spec: _Spec):
+  """Interpolates flat `image (num_images * prod(spatial), C)` at pixel `coords`.
+
+  `coords` is a tuple of `ndim` arrays `(G, P)`, one per array axis (array
+  order), G = 1 or `num_images` (any G when num_images = 1). Kept as separate
+  planes: interleaved `(..., ndim)` coordinates made XLA:CPU emit slow
+  fusions. Returns `(max(G, num_images), P, C)`.
+  """
+  out = 0.0
+  for tap in _taps(coords, spec):
+    values = jnp.where(tap.valid[..., None], _gather_rows(image, tap.index), 0)
+    out = out + tap.weight[..., None] * values
+  return out
+
+
+def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
+  """The VJP of `_sample` for cotangent rows `first + [0, len(cotangent))`.
+
+  Args:
+    image: the whole flat image, `(num_images * prod(spatial), C)`.
+    coords: coordinate planes `(G, P)`: the rows for these examples, or one
+      shared row (G = 1).
+    cotangent: `(n, P, C)`, the output cotangent of these examples.
+    image_bar: the image cotangent so far (whole image); this chunk's
+      contribution is scatter-added to it.
+    first: index of the first example (may be traced).
+
+  Returns:
+    `(image_bar, coords_bar)`, `coords_bar` shaped like `coords`.
+  """
+  taps = _taps(coords, spec, first, cotangent.shape[0])
+  if spec.mode == "nearest":  # Piecewise constant: zero gradient for the coordinates.
+    coords_bar = tuple(jnp.zeros_like(c) for c in coords)
+  else:
+    values = [jnp.where(t.valid[..., None], _gather_rows(image, t.index), 0) for t in taps]
+    dots = _sum_channels([cotangent * v for v in values])  # <cotangent, tap value> per point.
+    coords_bar = tuple(sum(dot * t.slopes[a] for dot, t in zip(dots, taps))
+                       for a in range(len(coords)))
+    # A coordinate shared by several images gets the sum of their cotangents.
+    coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
+                       for bar, c in zip(coords_bar, coords))
+  for t in taps:  # The transpose of a gather: scatter-add the weighted cotangent.
+    updates = jnp.where(t.valid[..., None], t.weight[..., None] * cotangent, 0)
+    image_bar = _scatter_add_rows(image_bar, jnp.broadcast_to(t.index, updates.shape[:2]), updates)
+  return image_bar, coords_bar
+
+
+def _pixel_coordinates(grid: tuple[jax.Array, ...], spec: _Spec, with_slopes: bool = False):
+  """Normalised grid planes -> pixel-coordinate planes, one per array axis.
+
+  Args:
+    grid: `ndim` planes `(G, P)` in grid-column order `(x, y[, z])`.
+    spec: the sampling spec.
+    with_slopes: also return each plane's elementwise derivative
+      d pixel / d grid (the JVP with unit tangent, so the clip and reflection
+      rules are exactly those of autodiff).
+
+  Maps NaN to -1, unnormalises, clamps to +-_FAR and applies the padding
+  (bicubic pads each tap instead). Returns planes in array-axis order.
+  """
+  ndim = len(spec.spatial)
+
+  def to_pixels(c, size):
+    c = jnp.where(jnp.isnan(c), -1.0, c)
+    c = jnp.clip(unnormalize(c, size, spec.align_corners), -_FAR, _FAR)
+    if spec.mode != "bicubic":
+      c = _pad(c, size, spec.padding_mode, spec.align_corners)
+    return c
+
+  coords, slopes = [], []
+  for a, size in enumerate(spec.spatial):
+    c = grid[ndim - 1 - a]  # Grid column k is the coordinate along array axis ndim - 1 - k.
+    if with_slopes:
+      c, slope = jax.jvp(functools.partial(to_pixels, size=size), (c,), (jnp.ones_like(c),))
+      slopes.append(slope)
+    else:
+      c = to_pixels(c, size)
+    coords.append(c)
+  return (tuple(coords), tuple(slopes)) if with_slopes else tuple(coords)
+
+
+def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
+  """VJP of sampling at grid planes `(G, P)` for cotangent rows `first + [0, n)`.
+
+  Returns `image_bar` (with this part's contribution added) and the grid
+  cotangent planes, shaped like `grid`.
+  """
+  coords, slopes = _pixel_coordinates(grid, spec, with_slopes=True)
+  image_bar, coords_bar = _sample_vjp(image, coords, cotangent, spec, image_bar, first)
+  ndim = len(spec.spatial)
+  return image_bar, tuple(coords_bar[ndim - 1 - k] * slopes[ndim - 1 - k] for k in range(ndim))
+
+
+# On CPU the VJP runs over batch chunks of at most this many cotangent
+# elements (points x channels). XLA:CPU materialises each tap's scatter
+# updates and indices, and on a small machine fresh buffers of tens of MB cost
+# more in page faults than the arithmetic: chunks keep them small and reused
+# (scripts/bench_sampler.py, 256x60x60x1 "grad both": 28 ms in one piece,
+# 8 ms in chunks).
+_CPU_CHUNK_ELEMENTS = 2**18
+
+
+def _num_chunks(n: int, elements_per_example: int) -> int:
+  """The fewest equal chunks of the n examples within the budget (1: don't chunk)."""
+  needed = -(-n * elements_per_example // _CPU_CHUNK_ELEMENTS)
+  if needed <= 1:
+    return 1
+  chunks = next(d for d in range(needed, n + 1) if n % d == 0)
+  return chunks if chunks <= 2 * needed else 1  # No good divisor: one piece.
+
+
+def _grid_vjp_chunked(image, grid, cotangent, spec: _Spec, num_chunks: int):
+  """`_grid_vjp` over `num_chunks` equal chunks of examples, in a `lax.scan`."""
+  n = cotangent.shape[0]
+  chunk = n // num_chunks
+  grid_batched = grid[0].shape[0] > 1
+
+  def body(carry, xs):
+    image_bar, shared_grid_bar = carry
+    first, part_grid, part_cotangent = xs
+    image_bar, part_bar = _grid_vjp(image, grid if part_grid is None else part_grid,
+                                    part_cotangent, spec, image_bar, first)
+    if grid_batched:  # Per-example planes are stacked; a shared grid accumulates.
+      return (image_bar, shared_grid_bar), part_bar
+    return (image_bar, tuple(a + b for a, b in zip(shared_grid_bar, part_bar))), None
+
+  xs = (jnp.arange(num_chunks, dtype=jnp.int32) * chunk,
+        tuple(c.reshape(num_chunks, chunk, -1) for c in grid) if grid_batched else None,
+        cotangent.reshape(num_chunks, chunk, *cotangent.shape[1:]))
+  init = (jnp.zeros_like(image), tuple(jnp.zeros_like(c) for c in grid))
+  (image_bar, grid_bar), stacked = jax.lax.scan(body, init, xs)
+  if grid_batched:
+    grid_bar = tuple(c.reshape(n, -1) for c in stacked)
+  return image_bar, grid_bar
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _interpolate(image, grid, spec: _Spec):
+  """Samples flat `image (num_images * prod(spatial), C)` at normalised grid planes.
+
+  `grid` holds `ndim` planes `(G, P)`, in grid-column order (x, y[, z]).
+  Returns `(max(G, num_images), P, C)`. The VJP is hand-written (see the
+  module docstring); it is itself differentiable, so higher orders work.
+  """
+  return _sample(image, _pixel_coordinates(grid, spec), spec)
+
+
+def _interpolate_fwd(image, grid, spec):
+  return _interpolate(image, grid, spec), (image, grid)
+
+
+def _interpolate_bwd(spec, residuals, cotangent):
+  image, grid = residuals
+  n, points, channels = cotangent.shape
+  num_chunks = _num_chunks(n, points * channels)
+
+  def whole(image, grid, cotangent):
+    return _grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))
+
+  def chunked(image, grid, cotangent):
+    if num_chunks == 1:
+      return whole(image, grid, cotangent)
+    return _grid_vjp_chunked(image, grid, cotangent, spec, num_chunks)
+
+  # Chunking pays on CPU only; accelerators take the whole batch at once.
+  return jax.lax.platform_dependent(image, grid, cotangent, cpu=chunked, default=whole)
+
+
+_interpolate.defvjp(_interpolate_fwd, _interpolate_bwd)
 
 
 def _single_example_shapes(image: jax.Array, grid: jax.Array, mode: str) -> int:
@@ -317,14 +486,7 @@ def grid_sample(image: jax.Array, grid: jax.Array, *, mode: str = "bilinear",
     grid = jnp.broadcast_to(grid, batch + out_core)
   image = image.astype(dtype).reshape(-1, channels)
   grid = grid.astype(dtype).reshape(num_grids, -1, ndim)
-  pixel = []
-  for a, size in enumerate(spatial):
-    c = grid[..., ndim - 1 - a]  # Grid column k is the coordinate along array axis ndim - 1 - k.
-    c = jnp.where(jnp.isnan(c), -1.0, c).astype(dtype)
-    c = jnp.clip(unnormalize(c, size, align_corners), -_FAR, _FAR)
-    if mode != "bicubic":  # Bicubic pads each tap instead.
-      c = _pad(c, size, padding_mode, align_corners)
-    pixel.append(c)
+  planes = tuple(grid[..., k] for k in range(ndim))  # Separate planes: see _sample.
   spec = _Spec(tuple(spatial), mode, padding_mode, bool(align_corners), num_images)
-  out = _interpolate(image, tuple(pixel), spec)  # (max(G, num_images), P, C)
+  out = _interpolate(image, planes, spec)  # (max(G, num_images), P, C)
   return out.reshape(batch + out_core[:-1] + (channels,))
