@@ -12,21 +12,12 @@ the first call's time (compilation included). Prints a Markdown table.
 
 import argparse
 import platform
-import statistics
 import time
 
 import jax
 
+import timing
 from stnjax import data
-
-
-def median_seconds(fn, repeats):
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    fn(i)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():
@@ -56,11 +47,11 @@ def main():
     start = time.perf_counter()
     train_batch(10**6)
     first_batch = time.perf_counter() - start
-    batch_ms = 1e3 * median_seconds(lambda i: train_batch(i), args.repeats)
+    batch_ms = 1e3 * timing.median_seconds(train_batch, repeats=args.repeats)
     start = time.perf_counter()
     eval_set(10**6)
     first_eval = time.perf_counter() - start
-    eval_s = median_seconds(eval_set, args.eval_repeats)
+    eval_s = timing.median_seconds(eval_set, repeats=args.eval_repeats)
     rows.append((name, batch_ms, first_batch, eval_s, first_eval))
     print(f"{name}: {batch_ms:.2f} ms/batch, {eval_s:.2f} s/10k", flush=True)
 

@@ -7,25 +7,29 @@ align_corners=False), three workloads:
   grad theta     forward + backward to theta only (the STN-on-input case)
   grad both      forward + backward to image and theta (STN on feature maps)
 
-Each timing is the median of --repeats runs after --warmup runs; JAX
-functions are jit-compiled and synchronised with block_until_ready. The
-ratio column is torch_time / stnjax_time (> 1: stnjax is faster). Prints a
-Markdown table and, with --out, writes it with the raw numbers as JSON.
+JAX functions are jit-compiled and synchronised with block_until_ready.
+Each (implementation, workload) is timed in --rounds rounds of --repeats runs
+(after --warmup runs), the rounds of all implementations interleaved so that
+a noisy machine slows them alike; the reported time is the median over all
+rounds' runs. The ratio column is torch_time / stnjax_time (> 1: stnjax is
+faster). Prints a Markdown table and, with --out, writes it with the raw
+numbers (per-round medians and the load average) as JSON.
 
   python scripts/bench_sampler.py [--out results/bench_sampler_cpu.json]
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import stnjax
+import timing
 from stnjax.sampling import unnormalize
 
 SHAPES = ((28, 28, 1), (42, 42, 1), (60, 60, 1), (28, 28, 32))
@@ -33,14 +37,7 @@ WORKLOADS = ("forward", "grad theta", "grad both")
 
 
 def median_ms(fn, warmup, repeats):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * timing.median_seconds(lambda _: fn(), warmup=warmup, repeats=repeats)
 
 
 def stnjax_sample(image, theta):
@@ -73,15 +70,17 @@ def jax_fns(sample):
   }
 
 
-def time_jax(fns, image, theta, cotangent, warmup, repeats):
+def jax_runners(fns, image, theta, cotangent):
+  """Zero-argument callables, one per workload, that run and synchronise."""
   out = {}
   for name, fn in fns.items():
     args = (image, theta) if name == "forward" else (image, theta, cotangent)
-    out[name] = median_ms(lambda: jax.block_until_ready(fn(*args)), warmup, repeats)
+    out[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
   return out
 
 
-def time_torch(image, theta, cotangent, warmup, repeats):
+def torch_runners(image, theta, cotangent):
+  """Like `jax_runners` for torch grid_sample (NCHW), plus a description of torch."""
   import torch
   import torch.nn.functional as F
 
@@ -100,25 +99,27 @@ def time_torch(image, theta, cotangent, warmup, repeats):
       (out * cotangent).sum().backward()
     sync()
 
-  with torch.no_grad():
-    forward = median_ms(lambda: run(False, False), warmup, repeats)
-  return {
-      "forward": forward,
-      "grad theta": median_ms(lambda: run(False, True), warmup, repeats),
-      "grad both": median_ms(lambda: run(True, True), warmup, repeats),
-  }, f"torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)"
+  def forward():
+    with torch.no_grad():
+      run(False, False)
+
+  runners = {"forward": forward, "grad theta": lambda: run(False, True),
+             "grad both": lambda: run(True, True)}
+  return runners, f"torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--repeats", type=int, default=30, help="timed runs per round")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional).")
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
   device = jax.devices()[0]
+  load_before = os.getloadavg()
   rows, torch_info = [], "torch not installed"
   for h, w, c in SHAPES:
     image = rng.random((args.batch, h, w, c), np.float32)
@@ -126,24 +127,34 @@ def main():
              + rng.normal(0, 0.2, (args.batch, 2, 3)).astype(np.float32))
     cotangent = rng.normal(size=(args.batch, h, w, c)).astype(np.float32)
     arrays = [jax.device_put(a) for a in (image, theta, cotangent)]
-    ours = time_jax(jax_fns(stnjax_sample), *arrays, args.warmup, args.repeats)
-    mapc = time_jax(jax_fns(map_coordinates_sample), *arrays, args.warmup, args.repeats)
+    runners = {"stnjax": jax_runners(jax_fns(stnjax_sample), *arrays),
+               "map_coordinates": jax_runners(jax_fns(map_coordinates_sample), *arrays)}
     try:
-      torch_ms, torch_info = time_torch(image, theta, cotangent, args.warmup, args.repeats)
+      runners["torch"], torch_info = torch_runners(image, theta, cotangent)
     except ImportError:
-      torch_ms = {k: float("nan") for k in WORKLOADS}
+      pass
+    rounds = {(impl, name): [] for impl in runners for name in WORKLOADS}
+    for _ in range(args.rounds):
+      for impl, per_workload in runners.items():
+        for name, fn in per_workload.items():
+          rounds[impl, name].append(median_ms(fn, args.warmup, args.repeats))
     for name in WORKLOADS:
+      ms = {impl: statistics.median(rounds[impl, name]) if rounds.get((impl, name)) else
+            float("nan") for impl in ("stnjax", "torch", "map_coordinates")}
       rows.append({
           "shape": f"{args.batch}x{h}x{w}x{c}", "workload": name,
-          "stnjax_ms": ours[name], "torch_ms": torch_ms[name],
-          "map_coordinates_ms": mapc[name], "ratio_torch_over_stnjax": torch_ms[name] / ours[name],
+          "stnjax_ms": ms["stnjax"], "torch_ms": ms["torch"],
+          "map_coordinates_ms": ms["map_coordinates"],
+          "ratio_torch_over_stnjax": ms["torch"] / ms["stnjax"],
+          "round_medians_ms": {impl: rounds[impl, name] for impl in runners},
       })
-      print(f"# {rows[-1]['shape']} {name}: stnjax {ours[name]:.2f} ms, torch "
-            f"{torch_ms[name]:.2f} ms, map_coordinates {mapc[name]:.2f} ms", flush=True)
+      print(f"# {rows[-1]['shape']} {name}: stnjax {ms['stnjax']:.2f} ms, torch "
+            f"{ms['torch']:.2f} ms, map_coordinates {ms['map_coordinates']:.2f} ms", flush=True)
 
   machine = (f"{device.device_kind} ({device.platform}), {platform.processor() or platform.machine()}, "
              f"jax {jax.__version__}, {torch_info}")
-  print(f"\nMachine: {machine}\n")
+  load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+  print(f"\nMachine: {machine}; {load}\n")
   print("| input (NxHxWxC) | workload | stnjax ms | torch ms | map_coordinates ms | torch / stnjax |")
   print("|---|---|---:|---:|---:|---:|")
   for r in rows:
@@ -151,8 +162,8 @@ def main():
           f"{r['map_coordinates_ms']:.2f} | {r['ratio_torch_over_stnjax']:.2f} |")
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"machine": machine, "batch": args.batch, "repeats": args.repeats, "rows": rows}, f,
-                indent=1)
+      json.dump({"machine": machine, "load": load, "batch": args.batch, "rounds": args.rounds,
+                 "repeats": args.repeats, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

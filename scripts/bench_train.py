@@ -26,7 +26,6 @@ Prints a Markdown table with the ratio stnjax / torch and the device.
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import stnjax
+import timing
 from stnjax import input_pipeline
 from stnjax import models
 from stnjax import train
@@ -48,14 +48,7 @@ BATCH = 64
 
 
 def median_steps_per_sec(step, warmup, steps):
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return 1.0 / statistics.median(times)
+  return 1.0 / timing.median_seconds(lambda _: step(), warmup=warmup, repeats=steps)
 
 
 class TorchNet(torch.nn.Module):

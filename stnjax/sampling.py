@@ -39,18 +39,27 @@ zero gradient with respect to the grid. Values gathered at taps outside the
 image are removed with `jnp.where`, so inf/NaN pixels that are not taps never
 reach the output or its gradients.
 
+Differentiation: `grid_sample` has a hand-written VJP (`jax.custom_vjp`),
+so use reverse mode (`jax.grad`, `jax.vjp`, `jax.jacrev`); forward mode
+(`jax.jvp`, `jax.jacfwd`, `jax.hessian`) raises a TypeError. The VJP is
+written in differentiable `jnp`/`lax`, so reverse-over-reverse works to any
+order (for a Hessian, use `jax.jacrev(jax.jacrev(f))`). It is tested against
+autodiff of a plain reference implementation and against PyTorch.
+
 Implementation notes (measured on a 2-core CPU, see `scripts/bench_sampler.py`):
 
 * Batch dimensions are folded into the gather index (one flat gather per tap
   over the whole batch) instead of `jax.vmap`-ing a per-example gather, which
   XLA:CPU lowered to a batched gather twice as slow. The result equals
   `jax.vmap` of the single-example call (tested).
-* The interpolation has a `jax.custom_jvp` whose tangent uses the analytic
-  derivative of the tap weights, so the grid gradient needs no autodiff
-  through the index arithmetic; the image tangent is the (linear) sampler
-  itself, which JAX transposes into a scatter-add. Being a JVP rule written in
-  differentiable `jnp`, it supports forward and reverse mode to any order,
-  and is tested against autodiff of a plain reference implementation.
+* The VJP recomputes the taps from `(image, grid)`: the grid cotangent is
+  `<output cotangent, tap value>` times the analytic derivative of each tap
+  weight, the image cotangent a scatter-add per tap. Nothing of size
+  `(points, channels)` is kept from the forward pass.
+* On CPU the VJP runs over chunks of the batch (`lax.scan`): XLA:CPU
+  materialises each tap's scatter updates, and fresh buffers of tens of MB
+  cost more in page faults than the arithmetic. Other platforms take the
+  whole batch at once (`lax.platform_dependent`).
 """
 
 import functools
@@ -201,47 +210,65 @@ def _taps(coords: tuple[jax.Array, ...], spec: _Spec, first=0,
   return taps
 
 
+# The core works on flat images: rows `(R, C)`, or `(R,)` for one channel.
+# Dropping a size-1 channel axis avoids layout copies that XLA:CPU inserts
+# around gathers and scatters of `(R, 1)` arrays (a few ms per batch).
+
+
 def _gather_rows(image: jax.Array, index: jax.Array) -> jax.Array:
-  """`image[index]` for in-bounds `index (G, P)` into rows `(R, C)`: `(G, P, C)`."""
+  """`image[index]` for in-bounds `index (G, P)`: `(G, P, C)`, or `(G, P)` from `(R,)`."""
+  window = image.shape[1:]
   dims = jax.lax.GatherDimensionNumbers(
-      offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0,))
-  return jax.lax.gather(image, index[..., None], dims, (1, image.shape[1]),
+      offset_dims=(2,) if window else (), collapsed_slice_dims=(0,), start_index_map=(0,))
+  return jax.lax.gather(image, index[..., None], dims, (1,) + window,
                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def _scatter_add_rows(target: jax.Array, index: jax.Array, updates: jax.Array) -> jax.Array:
-  """`target.at[index].add(updates)` for in-bounds `index (G, P)`, `updates (G, P, C)`."""
+  """`target.at[index].add(updates)` for in-bounds `index (G, P)` (rows as `_gather_rows`)."""
   dims = jax.lax.ScatterDimensionNumbers(
-      update_window_dims=(2,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,))
+      update_window_dims=(2,) if target.ndim == 2 else (), inserted_window_dims=(0,),
+      scatter_dims_to_operand_dims=(0,))
   return jax.lax.scatter_add(target, index[..., None], updates, dims,
                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _sum_channels(arrays: list[jax.Array]) -> list[jax.Array]:
-  """Sums each `(G, P, C)` array over C, as one variadic reduction.
+def _per_point(x: jax.Array, values: jax.Array) -> jax.Array:
+  """Broadcasts a per-point `(G, P)` array against `values (G, P[, C])`."""
+  return x[..., None] if values.ndim == 3 else x
 
-  A plain `jnp.sum` per array was 5x slower on XLA:CPU, whose YNN reduction
-  fusions re-gathered every element; a variadic reduce is not claimed by them.
+
+def _sum_channels(arrays: list[jax.Array]) -> list[jax.Array]:
+  """Sums each `(G, P, C)` array over C (`(G, P)` ones are returned as they are).
+
+  One variadic reduction for all of them: a plain `jnp.sum` per array was 5x
+  slower on XLA:CPU, whose YNN reduction fusions re-gathered every element; a
+  variadic reduce is not claimed by them.
   """
-  if arrays[0].shape[-1] == 1:
-    return [x[..., 0] for x in arrays]
+  if arrays[0].ndim == 2:
+    return arrays
   zero = jnp.zeros((), arrays[0].dtype)
   return list(jax.lax.reduce(tuple(arrays), (zero,) * len(arrays),
                              lambda a, b: tuple(x + y for x, y in zip(a, b)), (2,)))
 
 
 def _sample(image, coords, spec: _Spec):
-  """Interpolates flat `image (num_images * prod(spatial), C)` at pixel `coords`.
+  """Interpolates a flat image at pixel `coords`.
 
-  `coords` is a tuple of `ndim` arrays `(G, P)`, one per array axis (array
-  order), G = 1 or `num_images` (any G when num_images = 1). Kept as separate
-  planes: interleaved `(..., ndim)` coordinates made XLA:CPU emit slow
-  fusions. Returns `(max(G, num_images), P, C)`.
+  Args:
+    image: `(num_images * prod(spatial), C)`, or `(num_images * prod(spatial),)`.
+    coords: `ndim` planes `(G, P)`, one per array axis (array order), G = 1 or
+      `num_images` (any G when num_images = 1). Kept as separate planes:
+      interleaved `(..., ndim)` coordinates made XLA:CPU emit slow fusions.
+    spec: the sampling spec.
+
+  Returns:
+    `(max(G, num_images), P[, C])`.
   """
   out = 0.0
   for tap in _taps(coords, spec):
-    values = jnp.where(tap.valid[..., None], _gather_rows(image, tap.index), 0)
-    out = out + tap.weight[..., None] * values
+    values = _gather_rows(image, tap.index)
+    out = out + _per_point(tap.weight, values) * jnp.where(_per_point(tap.valid, values), values, 0)
   return out
 
 
@@ -249,10 +276,10 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
   """The VJP of `_sample` for cotangent rows `first + [0, len(cotangent))`.
 
   Args:
-    image: the whole flat image, `(num_images * prod(spatial), C)`.
+    image: the whole flat image, as in `_sample`.
     coords: coordinate planes `(G, P)`: the rows for these examples, or one
       shared row (G = 1).
-    cotangent: `(n, P, C)`, the output cotangent of these examples.
+    cotangent: `(n, P[, C])`, the output cotangent of these examples.
     image_bar: the image cotangent so far (whole image); this chunk's
       contribution is scatter-added to it.
     first: index of the first example (may be traced).
@@ -264,7 +291,8 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
   if spec.mode == "nearest":  # Piecewise constant: zero gradient for the coordinates.
     coords_bar = tuple(jnp.zeros_like(c) for c in coords)
   else:
-    values = [jnp.where(t.valid[..., None], _gather_rows(image, t.index), 0) for t in taps]
+    values = [jnp.where(_per_point(t.valid, cotangent), _gather_rows(image, t.index), 0)
+              for t in taps]
     dots = _sum_channels([cotangent * v for v in values])  # <cotangent, tap value> per point.
     coords_bar = tuple(sum(dot * t.slopes[a] for dot, t in zip(dots, taps))
                        for a in range(len(coords)))
@@ -272,7 +300,8 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
     coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
                        for bar, c in zip(coords_bar, coords))
   for t in taps:  # The transpose of a gather: scatter-add the weighted cotangent.
-    updates = jnp.where(t.valid[..., None], t.weight[..., None] * cotangent, 0)
+    updates = jnp.where(_per_point(t.valid, cotangent),
+                        _per_point(t.weight, cotangent) * cotangent, 0)
     image_bar = _scatter_add_rows(image_bar, jnp.broadcast_to(t.index, updates.shape[:2]), updates)
   return image_bar, coords_bar
 
@@ -371,7 +400,7 @@ def _interpolate(image, grid, spec: _Spec):
   """Samples flat `image (num_images * prod(spatial), C)` at normalised grid planes.
 
   `grid` holds `ndim` planes `(G, P)`, in grid-column order (x, y[, z]).
-  Returns `(max(G, num_images), P, C)`. The VJP is hand-written (see the
+  Returns `(max(G, num_images), P[, C])` (no C for a single-channel image). The VJP is hand-written (see the
   module docstring); it is itself differentiable, so higher orders work.
   """
   return _sample(image, _pixel_coordinates(grid, spec), spec)
@@ -383,8 +412,7 @@ def _interpolate_fwd(image, grid, spec):
 
 def _interpolate_bwd(spec, residuals, cotangent):
   image, grid = residuals
-  n, points, channels = cotangent.shape
-  num_chunks = _num_chunks(n, points * channels)
+  num_chunks = _num_chunks(cotangent.shape[0], math.prod(cotangent.shape[1:]))
 
   def whole(image, grid, cotangent):
     return _grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))
@@ -484,9 +512,12 @@ def grid_sample(image: jax.Array, grid: jax.Array, *, mode: str = "bilinear",
   num_grids = 1 if math.prod(grid_batch) == 1 else n
   if num_grids > 1:
     grid = jnp.broadcast_to(grid, batch + out_core)
-  image = image.astype(dtype).reshape(-1, channels)
+  image = image.astype(dtype).reshape((-1, channels) if channels > 1 else (-1,))
   grid = grid.astype(dtype).reshape(num_grids, -1, ndim)
-  planes = tuple(grid[..., k] for k in range(ndim))  # Separate planes: see _sample.
+  # Separate planes (see _sample). lax.split, whose transpose is a concatenate
+  # that XLA folds into the grid's own stack; `grid[..., k]` transposes to
+  # pads that XLA:CPU materialised.
+  planes = tuple(p[..., 0] for p in jax.lax.split(grid, (1,) * ndim, axis=2))
   spec = _Spec(tuple(spatial), mode, padding_mode, bool(align_corners), num_images)
-  out = _interpolate(image, planes, spec)  # (max(G, num_images), P, C)
+  out = _interpolate(image, planes, spec)  # (max(G, num_images), P[, C])
   return out.reshape(batch + out_core[:-1] + (channels,))
