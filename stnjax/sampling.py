@@ -453,6 +453,8 @@ def grid_sample(image: jax.Array, grid: jax.Array, *, mode: str = "bilinear",
 
   Matches `torch.nn.functional.grid_sample` (values and gradients) with
   channels-last layout. See the module docstring for the full conventions.
+  Differentiable in reverse mode to any order (a custom VJP); forward mode
+  (`jax.jvp`, `jax.jacfwd`) is not supported.
 
   Args:
     image: `(..., H, W, C)` (2-D) or `(..., D, H, W, C)` (3-D), floating point.

@@ -669,6 +669,14 @@ def test_custom_vjp_matches_autodiff_of_reference(x64, rng, padding_mode, align_
     assert float(jnp.abs(ref["second"][1]).max()) > 1e-3  # The xy cross term.
 
 
+def test_forward_mode_is_documented_as_unsupported(x64, rng):
+  # The custom VJP makes forward mode raise (module docstring); reverse over
+  # reverse gives the Hessian instead.
+  image, grid, _ = smooth_case(rng, align_corners=False)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(lambda g: stnjax.grid_sample(image, g), (grid,), (grid,))
+
+
 # The CPU VJP runs in batch chunks (sampling._CPU_CHUNK_ELEMENTS); a small
 # budget forces chunking on these small cases. 6 examples of 4 x 7 points x 3
 # channels = 84 elements each: a budget of 200 gives 3 chunks of 2.
