@@ -1,9 +1,12 @@
 """Training steps/s: the PyTorch STN tutorial network vs stnjax, on this machine.
 
-  python scripts/bench_train.py [--steps 50] [--warmup 5]
+  python scripts/bench_train.py [--steps 50] [--warmup 5] [--rounds 3]
 
-Rows (median steps/s over `--steps` timed steps after `--warmup`; each step
-is synchronised: `block_until_ready` / torch's eager CPU execution):
+Rows 1-3 are timed in `--rounds` interleaved rounds (the four networks take
+turns, so machine noise hits them alike), each round the median over
+`--steps` timed steps after `--warmup`; the table gives the median over
+rounds. Each step is synchronised (`block_until_ready` / torch's eager CPU
+execution). Row 4 is timed once, after the others.
 
 1. torch: the PyTorch "Spatial Transformer Networks" tutorial network,
    written here from its description (classifier conv(1,10,5)-maxpool-relu-
@@ -12,7 +15,9 @@ is synchronised: `block_until_ready` / torch's eager CPU execution):
    Linear(90,32)-ReLU-Linear(32,6), identity init), SGD lr 0.01, batch 64,
    28x28, NLL loss on log-softmax.
 2. stnjax: the same network in flax + stnjax (same layers, dropout, SGD lr
-   0.01, batch 64), one jitted step.
+   0.01, batch 64), one jitted step; convolutions and max pools are stnjax's
+   (`models.Conv`, `layers.max_pool`: same values as flax's, faster
+   gradients on CPU), as in stnjax's own models.
 3. torch and flax: the tutorial's classifier alone (no transformer), to
    attribute the difference between rows 1 and 2 to the transformer or to
    the framework's convolutions.
@@ -26,6 +31,7 @@ Prints a Markdown table with the ratio stnjax / torch and the device.
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 import stnjax
 import timing
 from stnjax import input_pipeline
+from stnjax import layers
 from stnjax import models
 from stnjax import train
 
@@ -49,6 +56,19 @@ BATCH = 64
 
 def median_steps_per_sec(step, warmup, steps):
   return 1.0 / timing.median_seconds(lambda _: step(), warmup=warmup, repeats=steps)
+
+
+def interleaved_steps_per_sec(steps_by_row, warmup, steps, rounds):
+  """Median steps/s per row over `rounds` rounds in which the rows take turns.
+
+  Interleaving makes a noisy machine slow every row alike instead of
+  whichever row happened to run at the wrong moment.
+  """
+  per_round = {name: [] for name in steps_by_row}
+  for _ in range(rounds):
+    for name, step in steps_by_row.items():
+      per_round[name].append(median_steps_per_sec(step, warmup, steps))
+  return {name: statistics.median(v) for name, v in per_round.items()}, per_round
 
 
 class TorchNet(torch.nn.Module):
@@ -87,7 +107,8 @@ class TorchNet(torch.nn.Module):
     return F.log_softmax(self.fc2(x), dim=1)
 
 
-def bench_torch(warmup, steps, use_st=True):
+def torch_step(use_st=True):
+  """One synchronous training step of the torch tutorial network (a callable)."""
   torch.manual_seed(0)
   model = TorchNet(use_st).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -100,14 +121,14 @@ def bench_torch(warmup, steps, use_st=True):
     loss.backward()
     opt.step()
 
-  return median_steps_per_sec(step, warmup, steps)
+  return step
 
 
 class TutorialLocalisation(nn.Module):
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.max_pool(nn.Conv(8, (7, 7), padding="VALID")(x), (2, 2), (2, 2)))
-    x = nn.relu(nn.max_pool(nn.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+    x = nn.relu(layers.max_pool(models.Conv(8, (7, 7), padding="VALID")(x), (2, 2), (2, 2)))
+    x = nn.relu(layers.max_pool(models.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
     return nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
 
 
@@ -119,16 +140,17 @@ class TutorialNet(nn.Module):
   def __call__(self, x, *, train: bool):
     if self.use_st:
       x, _ = models.SpatialTransformer(TutorialLocalisation(), "affine")(x)
-    x = nn.relu(nn.max_pool(nn.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
-    x = nn.Conv(20, (5, 5), padding="VALID")(x)
+    x = nn.relu(layers.max_pool(models.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+    x = models.Conv(20, (5, 5), padding="VALID")(x)
     x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(x)  # Dropout2d.
-    x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+    x = nn.relu(layers.max_pool(x, (2, 2), (2, 2)))
     x = nn.relu(nn.Dense(50)(x.reshape(x.shape[0], -1)))
     x = nn.Dropout(0.5, deterministic=not train)(x)
     return nn.log_softmax(nn.Dense(10)(x))
 
 
-def bench_flax_tutorial(warmup, steps, use_st=True):
+def flax_tutorial_step(use_st=True):
+  """One synchronous training step of the flax + stnjax tutorial network (a callable)."""
   model = TutorialNet(use_st)
   x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
   y = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
@@ -155,10 +177,11 @@ def bench_flax_tutorial(warmup, steps, use_st=True):
   def step():
     holder[0] = jax.block_until_ready(train_step(holder[0], x, y))
 
-  return median_steps_per_sec(step, warmup, steps)
+  return step
 
 
-def bench_paper_st_cnn(warmup, steps, batch=256):
+def paper_st_cnn_step(batch=256):
+  """A training step of the paper-size ST-CNN Aff on RTS (a callable) and its parameter count."""
   config = ml_collections.ConfigDict({"variant": "RTS", "source": "synthetic",
                                       "synthetic_train_size": 512, "synthetic_eval_size": 8})
   dataset = input_pipeline.load(config)
@@ -179,35 +202,41 @@ def bench_paper_st_cnn(warmup, steps, batch=256):
     jax.block_until_ready(metrics)
     holder[1] += 1
 
-  return median_steps_per_sec(step, warmup, steps), models.count_params(model,
-                                                                        dataset.input_shape)
+  return step, models.count_params(model, dataset.input_shape)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
   parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   args = parser.parse_args()
-  torch_sps = bench_torch(args.warmup, args.steps)
-  flax_sps = bench_flax_tutorial(args.warmup, args.steps)
-  # The same classifier without the transformer, to attribute the difference.
-  torch_plain_sps = bench_torch(args.warmup, args.steps, use_st=False)
-  flax_plain_sps = bench_flax_tutorial(args.warmup, args.steps, use_st=False)
-  paper_sps, paper_params = bench_paper_st_cnn(args.warmup, max(10, args.steps // 5))
+  load_before = os.getloadavg()[0]
+  sps, _ = interleaved_steps_per_sec({
+      "torch": torch_step(),
+      "flax": flax_tutorial_step(),
+      # The same classifier without the transformer, to attribute the difference.
+      "torch_plain": torch_step(use_st=False),
+      "flax_plain": flax_tutorial_step(use_st=False),
+  }, args.warmup, args.steps, args.rounds)
+  paper_step, paper_params = paper_st_cnn_step()
+  paper_sps = median_steps_per_sec(paper_step, 2, max(10, args.steps // 5))
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}); jax {jax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), stnjax "
-        f"{stnjax.__version__}, python {sys.version.split()[0]}\n")
+        f"{stnjax.__version__}, python {sys.version.split()[0]}; load average "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of "
+        f"{args.steps} steps\n")
   print("| network | framework | batch | input | steps/s (median) | ratio vs torch |")
   print("|---|---|---|---|---|---|")
-  print(f"| PyTorch STN tutorial | torch | {BATCH} | 28x28 | {torch_sps:.1f} | 1.00 |")
-  print(f"| PyTorch STN tutorial (same net) | stnjax/flax | {BATCH} | 28x28 | {flax_sps:.1f} | "
-        f"{flax_sps / torch_sps:.2f} |")
-  print(f"| tutorial classifier, no transformer | torch | {BATCH} | 28x28 | {torch_plain_sps:.1f} | "
-        f"1.00 |")
-  print(f"| tutorial classifier, no transformer | flax | {BATCH} | 28x28 | {flax_plain_sps:.1f} | "
-        f"{flax_plain_sps / torch_plain_sps:.2f} |")
+  print(f"| PyTorch STN tutorial | torch | {BATCH} | 28x28 | {sps['torch']:.1f} | 1.00 |")
+  print(f"| PyTorch STN tutorial (same net) | stnjax/flax | {BATCH} | 28x28 | {sps['flax']:.1f} | "
+        f"{sps['flax'] / sps['torch']:.2f} |")
+  print(f"| tutorial classifier, no transformer | torch | {BATCH} | 28x28 | "
+        f"{sps['torch_plain']:.1f} | 1.00 |")
+  print(f"| tutorial classifier, no transformer | flax | {BATCH} | 28x28 | "
+        f"{sps['flax_plain']:.1f} | {sps['flax_plain'] / sps['torch_plain']:.2f} |")
   print(f"| paper ST-CNN Aff ({paper_params:,} params) | stnjax/flax | 256 | 42x42 RTS | "
         f"{paper_sps:.2f} | - |")
 

@@ -1,0 +1,101 @@
+"""stnjax.layers: the conv and max-pool drop-ins equal their Flax/lax originals."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from stnjax import layers
+from stnjax import models
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def lax_conv(x, w, padding, strides=(1, 1)):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def ours_conv(x, w, padding, strides=(1, 1)):
+  return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+# (input H, W, C), kernel (kh, kw, O): a single input channel (the fused
+# multiply-add forward), a few channels (the custom VJP), and wide patches
+# (5 * 5 * 12 = 300 > 256: plain lax).
+CONV_CASES = [((9, 10, 1), (5, 5, 3)), ((7, 8, 4), (3, 3, 2)), ((6, 6, 12), (5, 5, 2))]
+PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3))]
+
+
+@pytest.mark.parametrize("in_shape,kernel", CONV_CASES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_conv_matches_lax_values_and_vjp(x64, rng, in_shape, kernel, padding):
+  x = jnp.asarray(rng.normal(size=(2,) + in_shape))
+  w = jnp.asarray(rng.normal(size=kernel[:2] + (in_shape[-1], kernel[-1])))
+  out, vjp = jax.vjp(lambda x, w: ours_conv(x, w, padding), x, w)
+  ref, ref_vjp = jax.vjp(lambda x, w: lax_conv(x, w, padding), x, w)
+  cotangent = jnp.asarray(rng.normal(size=ref.shape))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+  for a, b in zip(vjp(cotangent), ref_vjp(cotangent)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+  assert float(jnp.abs(ref).max()) > 0.1
+
+
+def test_conv_second_order_matches_lax(x64, rng):
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 3)))
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+
+  def second(conv):
+    def loss(x, w):
+      return jnp.sum(jnp.tanh(conv(x, w, "SAME")))
+    return jax.grad(lambda x, w: jnp.sum(jax.grad(loss, argnums=0)(x, w) ** 2), argnums=(0, 1))(
+        x, w)
+
+  for a, b in zip(second(ours_conv), second(lax_conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_falls_back_to_lax_for_strides(x64, rng):
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 1)))
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 2)))
+  np.testing.assert_allclose(ours_conv(x, w, "SAME", (2, 2)), lax_conv(x, w, "SAME", (2, 2)),
+                             rtol=0, atol=1e-12)
+
+
+def test_models_conv_has_flax_parameters_and_values(rng):
+  x = jnp.asarray(rng.normal(size=(2, 12, 12, 1)), jnp.float32)
+  ours, ref = models.Conv(6, (5, 5), padding="SAME"), nn.Conv(6, (5, 5), padding="SAME")
+  params = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape,
+                                                                                 params)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3), (2, 5, 5, 1)])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 0), (0, 1))])
+def test_max_pool_matches_flax(x64, rng, shape, padding):
+  x = jnp.asarray(rng.normal(size=shape))  # Continuous values: no ties.
+  out, vjp = jax.vjp(lambda x: layers.max_pool(x, (2, 2), (2, 2), padding), x)
+  ref, ref_vjp = jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2), padding), x)
+  assert out.shape == ref.shape
+  np.testing.assert_array_equal(out, ref)
+  cotangent = jnp.asarray(rng.normal(size=ref.shape))
+  np.testing.assert_allclose(vjp(cotangent)[0], ref_vjp(cotangent)[0], rtol=0, atol=1e-12)
+
+
+def test_max_pool_other_windows(x64, rng):
+  x = jnp.asarray(rng.normal(size=(2, 9, 3)))  # 1-D, window 3 = stride.
+  np.testing.assert_array_equal(layers.max_pool(x, (3,), (3,), "SAME"),
+                                nn.max_pool(x, (3,), (3,), "SAME"))
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 2)))  # Overlapping windows: Flax's own path.
+  np.testing.assert_array_equal(layers.max_pool(x, (3, 3), (1, 1), "VALID"),
+                                nn.max_pool(x, (3, 3), (1, 1), "VALID"))
+  np.testing.assert_array_equal(layers.max_pool(x, (2, 2)), nn.max_pool(x, (2, 2)))  # Stride 1.
+
+
+def test_max_pool_ties_share_the_gradient():
+  x = jnp.ones((1, 2, 2, 1))
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, (2, 2), (2, 2))))(x)
+  np.testing.assert_allclose(grad, 0.25)
