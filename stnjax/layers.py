@@ -128,8 +128,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
-  padding = _explicit_padding(padding, jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2])
-  return _conv2d(lhs, rhs, padding)
+  explicit = _explicit_padding(padding, jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2])
+  if any(p < 0 for pair in explicit for p in pair):  # Negative padding crops: lax handles it.
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                    dimension_numbers=dimension_numbers)
+  return _conv2d(lhs, rhs, explicit)
 
 
 def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,

@@ -57,11 +57,13 @@ def test_conv_second_order_matches_lax(x64, rng):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_conv_falls_back_to_lax_for_strides(x64, rng):
+def test_conv_falls_back_to_lax_for_strides_and_negative_padding(x64, rng):
   x = jnp.asarray(rng.normal(size=(2, 9, 9, 1)))
   w = jnp.asarray(rng.normal(size=(3, 3, 1, 2)))
   np.testing.assert_allclose(ours_conv(x, w, "SAME", (2, 2)), lax_conv(x, w, "SAME", (2, 2)),
                              rtol=0, atol=1e-12)
+  crop = ((-1, 1), (0, -2))
+  np.testing.assert_allclose(ours_conv(x, w, crop), lax_conv(x, w, crop), rtol=0, atol=1e-12)
 
 
 def test_models_conv_has_flax_parameters_and_values(rng):
