@@ -23,11 +23,11 @@ Expected (see scripts/run.sh and docs/models.md for the measurements):
 
 * `preset=short`, `st_cnn_aff` on RTS (width-32 classifier, 123,448 parameters):
   2,000 steps of batch 64, Adam 1e-3 with cosine decay. On the 2-core shared
-  CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh`
-  measured 226 s wall in all (data loading, ~9-18 steps/s depending on the
-  load, 5 evals of 20k images, figures) and a test error of 2.46% (9754 /
-  10000), validation 2.60%; the transformer learns to zoom in (mean scale
-  ~0.53) and to centre the digits.
+  CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh` on a
+  fresh clone measured 138 s wall in all (data loading, ~17-24 steps/s
+  depending on the load, 5 evals of 20k images, figures) and a test error of
+  2.64% (9736 / 10000), validation 2.50%; the transformer learns to zoom in
+  (mean scale ~0.54) and to centre the digits.
 * `preset=paper`: 150k steps of batch 256; the paper's test error for ST-CNN
   Aff on RTS is 0.5% (Table 1; REFERENCE.md). Far too slow for a CPU (hours
   per model); meant for a GPU.
