@@ -33,13 +33,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import torch
 import torch.nn.functional as F

@@ -73,8 +73,9 @@ def _apply_matrix(matrix: jax.Array, points: jax.Array) -> list[jax.Array]:
   `points` is `(P, n + 1)` homogeneous. Each row is its own matrix-vector
   product, so under `vmap` it becomes one plain `(batch, n + 1) @ (n + 1, P)`
   GEMM whose gradient is again a GEMM. Broadcast multiply-adds made the
-  theta gradient a slow reduction on XLA:CPU (17.5 ms vs 0.7 ms for a batch
-  of 256 60x60 grids), and a batched einsum a slow batched matmul.
+  theta gradient a reduction on XLA:CPU, 3x slower for a batch of 256 60x60
+  grids (scripts/bench_ablations.py), and a batched einsum a slow batched
+  matmul.
   """
   return [jnp.dot(matrix[i], points.T, precision=jax.lax.Precision.HIGHEST)
           for i in range(matrix.shape[0])]

@@ -60,7 +60,7 @@ Architecture choices (REFERENCE.md section 1; UNVERIFIED details documented):
 import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

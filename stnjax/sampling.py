@@ -241,9 +241,11 @@ def _per_point(x: jax.Array, values: jax.Array) -> jax.Array:
 def _sum_channels(arrays: list[jax.Array]) -> list[jax.Array]:
   """Sums each `(G, P, C)` array over C (`(G, P)` ones are returned as they are).
 
-  One variadic reduction for all of them: a plain `jnp.sum` per array was 5x
-  slower on XLA:CPU, whose YNN reduction fusions re-gathered every element; a
-  variadic reduce is not claimed by them.
+  One variadic reduction for all of them, which XLA:CPU's YNN reduction
+  fusions do not claim (they re-gathered the tap values for every element
+  when the VJP ran on a whole batch of 256 28x28x32 images). With the
+  chunked VJP the gain over a `jnp.sum` per tap is small: 1.06x for the
+  theta gradient at 256x28x28x32 (scripts/bench_ablations.py).
   """
   if arrays[0].ndim == 2:
     return arrays
@@ -356,8 +358,8 @@ def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
 # elements (points x channels). XLA:CPU materialises each tap's scatter
 # updates and indices, and on a small machine fresh buffers of tens of MB cost
 # more in page faults than the arithmetic: chunks keep them small and reused
-# (scripts/bench_sampler.py, 256x60x60x1 "grad both": 28 ms in one piece,
-# 8 ms in chunks).
+# (scripts/bench_ablations.py, 256x60x60x1 image + theta gradient: 32.5 ms in
+# one piece, 14.8 ms in chunks).
 _CPU_CHUNK_ELEMENTS = 2**18
 
 

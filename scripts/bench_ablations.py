@@ -1,0 +1,158 @@
+"""Ablations behind the README's performance notes: each design choice vs its alternative.
+
+  python scripts/bench_ablations.py [--rounds 3] [--repeats 20]
+
+Each row times two functions, first the current code and second the
+alternative it replaced (row 1: writing vs reading memory), in one process, interleaved over --rounds rounds of
+--repeats timed calls (median over rounds of per-round medians), all jitted
+and synchronised:
+
+1. fresh memory: a jitted function that writes four new 25 MB arrays, vs one
+   that only reads 25 MB (the cost of page faults on this machine).
+2. channel sums: the sampler's theta gradient at 256x28x28x32 with its one
+   variadic reduction (`sampling._sum_channels`) vs a `jnp.sum` per tap.
+3. chunked VJP: the sampler's image + theta gradient at 256x60x60x1 with the
+   CPU chunking vs the whole batch in one piece.
+4. grid gradient: the theta gradient of `affine_grid` alone (256 60x60
+   grids) as one GEMM per coordinate plane vs broadcast multiply-adds.
+5. conv input gradient: the 5x5, 1 -> 10 channel convolution at batch 64 on
+   28x28 (the STN tutorial's first layer), `layers.conv_general_dilated` vs
+   `lax.conv_general_dilated`, gradient to the input.
+6. single-channel conv forward: the same layer's forward pass.
+7. max pool: a training step of the STN tutorial network
+   (`scripts/bench_train.py`) with `layers.max_pool` vs `flax.linen.max_pool`.
+"""
+
+import argparse
+import os
+import statistics
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bench_train
+import timing
+import stnjax
+from stnjax import grids
+from stnjax import layers
+from stnjax import sampling
+
+
+def ms(fn, repeats):
+  return 1e3 * timing.median_seconds(lambda _: jax.block_until_ready(fn()), warmup=3,
+                                     repeats=repeats)
+
+
+def sample_loss(image, theta, cotangent):
+  grid = stnjax.affine_grid(theta, image.shape[1:3])
+  return jnp.vdot(stnjax.grid_sample(image, grid), cotangent)
+
+
+def sampler_case(h, w, c, argnums):
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.random((256, h, w, c), np.float32))
+  theta = jnp.asarray(np.eye(2, 3, dtype=np.float32) + rng.normal(0, 0.2, (256, 2, 3)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(256, h, w, c)), jnp.float32)
+  fn = jax.jit(jax.grad(sample_loss, argnums=argnums))  # Traced (and patched) on first call.
+  return lambda: fn(image, theta, cotangent)
+
+
+def per_tap_sums(arrays):
+  return [jnp.sum(x, axis=-1) for x in arrays] if arrays[0].ndim == 3 else arrays
+
+
+def multiply_add_planes(matrix, points):
+  out = []
+  for i in range(matrix.shape[0]):
+    row = matrix[i, -1]
+    for j in range(points.shape[1] - 1):
+      row = row + matrix[i, j] * points[:, j]
+    out.append(row)
+  return out
+
+
+def rows():
+  """(name, ours, alternative): zero-argument callables, traced on first call."""
+  x = jnp.ones((256 * 784, 32))
+  four_new = jax.jit(lambda x: (x * 2, x * 3, x * 4, x * 5))
+  read_only = jax.jit(jnp.sum)
+  yield "fresh memory: write 4 new 25 MB arrays vs read 25 MB", lambda: four_new(x), \
+      lambda: read_only(x)
+
+  ours = sampler_case(28, 28, 32, 1)
+  with mock.patch.object(sampling, "_sum_channels", per_tap_sums):
+    alternative = sampler_case(28, 28, 32, 1)
+    jax.block_until_ready(alternative())  # Trace while patched.
+  yield "theta grad 256x28x28x32: one variadic reduce vs jnp.sum per tap", ours, alternative
+
+  ours = sampler_case(60, 60, 1, (0, 1))
+  with mock.patch.object(sampling, "_CPU_CHUNK_ELEMENTS", 2**40):
+    alternative = sampler_case(60, 60, 1, (0, 1))
+    jax.block_until_ready(alternative())
+  yield "image+theta grad 256x60x60x1: chunked VJP vs one piece", ours, alternative
+
+  theta = jnp.asarray(np.random.default_rng(0).normal(size=(256, 2, 3)), jnp.float32)
+  plane_cotangent = jnp.ones((256, 60, 60, 2))
+
+  def grid_grad():
+    return jax.jit(jax.grad(lambda t, g: jnp.vdot(stnjax.affine_grid(t, (60, 60)), g)))
+
+  ours_fn = grid_grad()
+  with mock.patch.object(grids, "_apply_matrix", multiply_add_planes):
+    alternative_fn = grid_grad()
+    jax.block_until_ready(alternative_fn(theta, plane_cotangent))
+  yield "affine_grid theta grad 256x60x60: GEMM per plane vs multiply-adds", lambda: ours_fn(theta, plane_cotangent), \
+      lambda: alternative_fn(theta, plane_cotangent)
+
+  dims = ("NHWC", "HWIO", "NHWC")
+  x = jax.random.normal(jax.random.key(0), (64, 28, 28, 1))
+  kernel = jax.random.normal(jax.random.key(1), (5, 5, 1, 10))
+  out_cotangent = jax.random.normal(jax.random.key(2), (64, 24, 24, 10))
+
+  def conv_fns(conv):
+    forward = jax.jit(lambda x, k: conv(x, k, (1, 1), "VALID", dimension_numbers=dims))
+    input_grad = jax.jit(jax.grad(lambda x, k, g: jnp.vdot(forward(x, k), g)))
+    return forward, input_grad
+
+  (ours_fwd, ours_grad), (lax_fwd, lax_grad) = (conv_fns(layers.conv_general_dilated),
+                                                conv_fns(jax.lax.conv_general_dilated))
+  yield "conv 5x5 1->10 input grad 64x28x28: layers vs lax", lambda: ours_grad(x, kernel, out_cotangent), \
+      lambda: lax_grad(x, kernel, out_cotangent)
+  yield "conv 5x5 1->10 forward 64x28x28: layers vs lax", lambda: ours_fwd(x, kernel), \
+      lambda: lax_fwd(x, kernel)
+
+  ours_step = bench_train.flax_tutorial_step()
+  with mock.patch.object(bench_train.layers, "max_pool", nn.max_pool):
+    alternative_step = bench_train.flax_tutorial_step()
+    alternative_step()
+  yield "STN tutorial training step: layers.max_pool vs nn.max_pool", ours_step, alternative_step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=20)
+  args = parser.parse_args()
+  load_before = os.getloadavg()[0]
+  table = []
+  for name, ours, alternative in rows():
+    first, second = [], []
+    for _ in range(args.rounds):
+      first.append(ms(ours, args.repeats))
+      second.append(ms(alternative, args.repeats))
+    a, b = statistics.median(first), statistics.median(second)
+    table.append((name, a, b))
+    print(f"# {name}: {a:.2f} ms vs {b:.2f} ms", flush=True)
+  print(f"\njax {jax.__version__}, {jax.devices()[0].platform}; load average {load_before:.2f} "
+        f"before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of {args.repeats}\n")
+  print("| first vs second | first ms | second ms | second / first |")
+  print("|---|---:|---:|---:|")
+  for name, a, b in table:
+    print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
