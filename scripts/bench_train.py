@@ -1,12 +1,12 @@
 """Training steps/s: the PyTorch STN tutorial network vs stnjax, on this machine.
 
-  python scripts/bench_train.py [--steps 50] [--warmup 5] [--rounds 3]
+  python scripts/bench_train.py [--steps 50] [--warmup 5] [--rounds 3] [--cpu-devices N]
 
-Rows 1-3 are timed in `--rounds` interleaved rounds (the four networks take
+Rows 1-4 are timed in `--rounds` interleaved rounds (the networks take
 turns, so machine noise hits them alike), each round the median over
 `--steps` timed steps after `--warmup`; the table gives the median over
 rounds. Each step is synchronised (`block_until_ready` / torch's eager CPU
-execution). Row 4 is timed once, after the others.
+execution). Row 5 is timed once, after the others.
 
 1. torch: the PyTorch "Spatial Transformer Networks" tutorial network,
    written here from its description (classifier conv(1,10,5)-maxpool-relu-
@@ -18,12 +18,18 @@ execution). Row 4 is timed once, after the others.
    0.01, batch 64), one jitted step; convolutions and max pools are stnjax's
    (`models.Conv`, `layers.max_pool`: same values as flax's, faster
    gradients on CPU), as in stnjax's own models.
-3. torch and flax: the tutorial's classifier alone (no transformer), to
+3. stnjax, data parallel: row 2's step with the batch sharded over
+   `--cpu-devices` CPU devices (default: one per core; JAX's way to use
+   several cores for data parallelism, `JAX_NUM_CPU_DEVICES`), parameters
+   replicated, gradients all-reduced (the same sharding as
+   `stnjax.train`). Only on CPU, with more than one device.
+4. torch and flax: the tutorial's classifier alone (no transformer), to
    attribute the difference between rows 1 and 2 to the transformer or to
    the framework's convolutions.
-4. stnjax: the paper-size ST-CNN (`st_cnn_aff`, ~400k parameters) on 42x42 RTS
+5. stnjax: the paper-size ST-CNN (`st_cnn_aff`, ~400k parameters) on 42x42 RTS
    inputs at batch 256, with the training loop's own jitted step
-   (`stnjax.train.make_functions`, on-device batch sampling included).
+   (`stnjax.train.make_functions`, on-device batch sampling included),
+   data parallel over all devices as in `stnjax.train`.
 
 Prints a Markdown table with the ratio stnjax / torch and the device.
 """
@@ -41,6 +47,8 @@ import ml_collections
 import optax
 import torch
 import torch.nn.functional as F
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import stnjax
 import timing
@@ -147,14 +155,23 @@ class TutorialNet(nn.Module):
     return nn.log_softmax(nn.Dense(10)(x))
 
 
-def flax_tutorial_step(use_st=True):
-  """One synchronous training step of the flax + stnjax tutorial network (a callable)."""
+def flax_tutorial_step(use_st=True, data_parallel=False):
+  """One synchronous training step of the flax + stnjax tutorial network (a callable).
+
+  With `data_parallel`, the batch is sharded over all devices and the state
+  replicated (jit inserts the gradient all-reduce).
+  """
   model = TutorialNet(use_st)
   x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
   y = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
   params = model.init(jax.random.key(2), x, train=False)["params"]
   tx = optax.sgd(0.01)
   state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+  if data_parallel:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
 
   @jax.jit
   def train_step(state, x, y):
@@ -208,19 +225,22 @@ def main():
   parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+  parser.add_argument("--cpu-devices", type=int, default=len(os.sched_getaffinity(0)),
+                      help="CPU devices for the data-parallel row (default: one per core)")
   args = parser.parse_args()
+  jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # Before the backend starts.
   load_before = os.getloadavg()[0]
-  sps, _ = interleaved_steps_per_sec({
-      "torch": torch_step(),
-      "flax": flax_tutorial_step(),
-      # The same classifier without the transformer, to attribute the difference.
-      "torch_plain": torch_step(use_st=False),
-      "flax_plain": flax_tutorial_step(use_st=False),
-  }, args.warmup, args.steps, args.rounds)
+  rows = {"torch": torch_step(), "flax": flax_tutorial_step()}
+  data_parallel = jax.default_backend() == "cpu" and jax.device_count() > 1
+  if data_parallel:
+    rows["flax_dp"] = flax_tutorial_step(data_parallel=True)
+  # The same classifier without the transformer, to attribute the difference.
+  rows.update(torch_plain=torch_step(use_st=False), flax_plain=flax_tutorial_step(use_st=False))
+  sps, _ = interleaved_steps_per_sec(rows, args.warmup, args.steps, args.rounds)
   paper_step, paper_params = paper_st_cnn_step()
   paper_sps = median_steps_per_sec(paper_step, 2, max(10, args.steps // 5))
   device = jax.devices()[0]
-  print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPU cores "
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}); jax {jax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), stnjax "
         f"{stnjax.__version__}, python {sys.version.split()[0]}; load average "
@@ -231,12 +251,15 @@ def main():
   print(f"| PyTorch STN tutorial | torch | {BATCH} | 28x28 | {sps['torch']:.1f} | 1.00 |")
   print(f"| PyTorch STN tutorial (same net) | stnjax/flax | {BATCH} | 28x28 | {sps['flax']:.1f} | "
         f"{sps['flax'] / sps['torch']:.2f} |")
+  if data_parallel:
+    print(f"| same, data parallel on {jax.device_count()} CPU devices | stnjax/flax | {BATCH} | "
+          f"28x28 | {sps['flax_dp']:.1f} | {sps['flax_dp'] / sps['torch']:.2f} |")
   print(f"| tutorial classifier, no transformer | torch | {BATCH} | 28x28 | "
         f"{sps['torch_plain']:.1f} | 1.00 |")
   print(f"| tutorial classifier, no transformer | flax | {BATCH} | 28x28 | "
         f"{sps['flax_plain']:.1f} | {sps['flax_plain'] / sps['torch_plain']:.2f} |")
-  print(f"| paper ST-CNN Aff ({paper_params:,} params) | stnjax/flax | 256 | 42x42 RTS | "
-        f"{paper_sps:.2f} | - |")
+  print(f"| paper ST-CNN Aff ({paper_params:,} params), {jax.device_count()} device(s) | "
+        f"stnjax/flax | 256 | 42x42 RTS | {paper_sps:.2f} | - |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@
 * Data parallel over all devices with `jax.sharding`: a 1-D `Mesh` named
   "data"; batches are sharded along the example axis, parameters and
   optimizer state replicated. The same code runs on 1 CPU, 1 GPU or N
-  devices. Multi-host: set `config.distributed = True` (calls
+  devices. With several CPU devices (`JAX_NUM_CPU_DEVICES=N`, or
+  `XLA_FLAGS=--xla_force_host_platform_device_count=N`) the loop keeps one
+  step in flight: with dozens queued, XLA:CPU's gradient all-reduce waited
+  forever for a device that never ran (jax 0.10.2, 2 and 4 CPU devices on 2
+  cores; tested). Multi-host: set `config.distributed = True` (calls
   `jax.distributed.initialize()`, which reads the cluster from the
   environment, e.g. SLURM / TPU / `JAX_COORDINATOR_ADDRESS`); every host runs
   the same program; only process 0 writes metrics and figures data (Orbax
@@ -295,6 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   num_seeds, batch_size, num_steps = int(config.num_seeds), int(config.train.batch_size), int(
       config.train.num_steps)
   devices = jax.devices()
+  # See the module docstring: XLA:CPU can deadlock with many multi-device
+  # steps queued, so on CPU each step is waited for before the next.
+  one_step_in_flight = len(devices) > 1 and devices[0].platform == "cpu"
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
   for name, value in (("config.train.batch_size", batch_size),
@@ -396,6 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch = sample_batch(pool_images, pool_labels, data_keys, step - 1)
     state, metrics = train_step(state, batch)
     pending.append((step, metrics))
+    if one_step_in_flight:
+      jax.block_until_ready(metrics)
     is_last = step == num_steps
     is_eval = step % config.eval_every == 0 or is_last
     is_ckpt = step % config.checkpoint_every == 0 or is_last

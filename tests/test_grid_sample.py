@@ -9,6 +9,10 @@ import doctest
 import functools
 import itertools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -719,6 +723,107 @@ def test_chunked_vjp_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mo
     assert np.abs(ref_d_grid).max() > 0.1
 
 
+def test_chunked_vjp_with_examples_larger_than_the_budget(x64, rng, monkeypatch):
+  # 84 elements per example, budget 50: one example per chunk (this used to
+  # raise StopIteration, e.g. for two 300x300x3 images at the real budget).
+  image, grid, cot = random_case(rng, ((3,), (5, 6), (4, 7), 3))
+  whole = stnjax_grid_sample(image, grid, cot)
+  monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 50)
+  assert stnjax.sampling._num_chunks(3, 84) == 3
+  for a, b in zip(stnjax_grid_sample(image, grid, cot), whole):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+  assert np.abs(whole[1]).max() > 0.1 and np.abs(whole[2]).max() > 0.1
+
+
+# Accelerators gather and scatter with the batch as a batching dimension; CPU
+# folds it into flat indices (sampling._CPU_FLAT_BATCH). Switching the flag off
+# runs the accelerator form here.
+@pytest.mark.parametrize("ndim,mode,padding_mode,align_corners", [
+    (2, "bilinear", "zeros", False), (2, "bicubic", "border", True),
+    (2, "nearest", "reflection", False), (3, "bilinear", "reflection", True)])
+@pytest.mark.parametrize("shared", ("none", "grid", "image"))
+def test_batched_gather_form_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mode,
+                                           align_corners, shared):
+  monkeypatch.setattr(stnjax.sampling, "_CPU_FLAT_BATCH", False)
+  batch, spatial, out_spatial, channels = SHAPES_2D if ndim == 2 else SHAPES_3D
+  image, grid, cot = random_case(rng, ((3,), spatial, out_spatial, channels))
+  kwargs = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+  ours_image, ours_grid = image, grid
+  if shared == "grid":
+    ours_grid = grid = grid[0]
+  elif shared == "image":
+    ours_image = image = image[0]
+  got = stnjax_grid_sample(ours_image, ours_grid, cot, **kwargs)
+  ref = list(torch_grid_sample(np.broadcast_to(image, cot.shape[:1] + image.shape[-ndim - 1:]),
+                               np.broadcast_to(grid, cot.shape[:1] + grid.shape[-ndim - 1:]),
+                               cot, **kwargs))
+  if shared == "grid":
+    ref[2] = ref[2].sum(0)
+  elif shared == "image":
+    ref[1] = ref[1].sum(0)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+  assert np.abs(ref[1]).max() > 0.1
+
+
+def test_batched_gather_form_second_order_matches_flat(x64, rng, monkeypatch):
+  image, grid, cot = map(jnp.asarray, random_case(rng, ((3,), (5, 6), (4, 7), 3)))
+
+  def second(image, grid):
+    def grid_grad_sum(image, grid):
+      return jnp.sum(jax.grad(lambda g: jnp.sum(cot * stnjax.grid_sample(image, g) ** 2))(grid))
+    return jax.grad(grid_grad_sum, argnums=(0, 1))(image, grid)
+
+  flat = second(image, grid)
+  monkeypatch.setattr(stnjax.sampling, "_CPU_FLAT_BATCH", False)
+  for a, b in zip(second(image, grid), flat):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+  assert float(jnp.abs(flat[1]).max()) > 0.1
+
+
+_SHARDED_SAMPLING = textwrap.dedent(r"""
+    import re, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import stnjax
+    assert jax.device_count() == 4, jax.devices()
+    stnjax.sampling._CPU_FLAT_BATCH = {flat}
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(8, 9, 10, 3)).astype(np.float32)
+    theta = (np.eye(2, 3) + 0.2 * rng.normal(size=(8, 2, 3))).astype(np.float32)
+    cot = rng.normal(size=(8, 7, 6, 3)).astype(np.float32)
+
+    def sample_and_vjp(image, theta, cot):
+      out, vjp = jax.vjp(lambda i, t: stnjax.grid_sample(i, stnjax.affine_grid(t, (7, 6))),
+                         image, theta)
+      return (out,) + vjp(cot)
+
+    sharded = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (image, theta, cot)]
+    hlo = jax.jit(sample_and_vjp).lower(*sharded).compile().as_text()
+    collectives = re.findall(r"(all-gather|all-reduce|all-to-all|collective-permute"
+                             r"|reduce-scatter)[-a-z]*\(", hlo)
+    print("collectives:", collectives)
+    for a, b in zip(jax.jit(sample_and_vjp)(*sharded), jax.jit(sample_and_vjp)(image, theta, cot)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+""")
+
+
+@pytest.mark.parametrize("flat", (False, True))
+def test_sharded_batch_is_sampled_where_it_lives(flat):
+  # 4 CPU devices, batch sharded: the results equal one device's. The batched
+  # form (accelerators) partitions with no collective at all; the flat form
+  # (CPU) is correct but all-gathers the images.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SAMPLING.format(flat=flat)],
+                          check=True, env=env, capture_output=True, text=True, timeout=300)
+  collectives = result.stdout.split("collectives:")[1]
+  if flat:
+    assert "all-gather" in collectives
+  else:
+    assert collectives.strip() == "[]"
+
+
 def test_chunked_vjp_second_order_matches_unchunked(x64, rng, monkeypatch):
   image, grid, cot = map(jnp.asarray, random_case(rng, ((6,), (5, 6), (4, 7), 3)))
 
@@ -742,6 +847,8 @@ def test_chunked_vjp_second_order_matches_unchunked(x64, rng, monkeypatch):
     (90, 3600, 2**18, 2),  # Needs 2 (1.24 rounded up).
     (97, 3600, 2**18, 1),  # Prime batch: no divisor within 2x of the need, one piece.
     (12, 10, 25, 6),  # Needs 5; 6 is the smallest divisor >= 5.
+    (2, 300 * 300 * 3, 2**18, 2),  # Each example exceeds the budget: one chunk each.
+    (5, 300, 250, 5),  # Needs 6 > 5 examples.
 ])
 def test_num_chunks(monkeypatch, n, per_example, budget, expected):
   monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", budget)

@@ -119,6 +119,34 @@ def test_sharded_equals_unsharded(tmp_path):
     np.testing.assert_allclose(sharded[f"arr_{i}"], a, rtol=0, atol=1e-5)
 
 
+_MANY_STEPS_IN_FLIGHT = textwrap.dedent("""
+    import json, sys, jax
+    sys.path.insert(0, {configs!r})
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_config
+    from stnjax import train
+    assert jax.device_count() == 4, jax.devices()
+    config = tiny_config(model="st_cnn_aff", **{{"train.num_steps": 200, "log_every": 200,
+                                                 "eval_every": 200, "checkpoint_every": 200}})
+    train.train_and_evaluate(config, {workdir!r})
+""")
+
+
+def test_sharded_cpu_run_without_host_syncs_completes(tmp_path):
+  # Regression: 200 steps dispatched with no host sync between them made
+  # XLA:CPU's all-reduce wait forever on 4 CPU devices (the runtime aborts
+  # after 40 s); the training loop now keeps one step in flight on CPU.
+  script = _MANY_STEPS_IN_FLIGHT.format(
+      configs=os.path.join(REPO, "experiments", "configs"),
+      tests=os.path.dirname(os.path.abspath(__file__)), workdir=str(tmp_path))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO, timeout=300)
+  final = read_metrics(str(tmp_path))[-1]
+  assert final["step"] == 200 and final["test/nseen"] > 0
+  assert np.isfinite(final["test/loss"])
+
+
 def test_config_validation(tmp_path):
   with pytest.raises(ValueError, match="optimizer"):
     train.train_and_evaluate(tiny_config(**{"train.optimizer": "rmsprop"}), str(tmp_path))
