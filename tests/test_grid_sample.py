@@ -690,6 +690,35 @@ _CHUNKED_CASES = (
        (3, "bilinear", "border", True)])
 
 
+def stnjax_and_torch_with_sharing(image, grid, cot, shared, **kwargs):
+  """`(stnjax, torch)` results of `stnjax_grid_sample` with `shared` in {"none", "grid", "image"}.
+
+  "grid" / "image" pass stnjax the first grid / image only (broadcast over
+  the batch); torch gets them broadcast and its gradient is summed to match.
+  """
+  ndim = grid.shape[-1]
+  if shared == "grid":
+    grid = grid[0]
+  elif shared == "image":
+    image = image[0]
+  ours = stnjax_grid_sample(image, grid, cot, **kwargs)
+  ref = list(torch_grid_sample(np.broadcast_to(image, cot.shape[:1] + image.shape[-ndim - 1:]),
+                               np.broadcast_to(grid, cot.shape[:1] + grid.shape[-ndim - 1:]),
+                               cot, **kwargs))
+  if shared == "grid":
+    ref[2] = ref[2].sum(0)
+  elif shared == "image":
+    ref[1] = ref[1].sum(0)
+  return ours, ref
+
+
+def second_order_grads(image, grid, cot):
+  """d/d(image, grid) of sum(d/d grid of sum(cot * grid_sample(image, grid) ** 2))."""
+  def grid_grad_sum(image, grid):
+    return jnp.sum(jax.grad(lambda g: jnp.sum(cot * stnjax.grid_sample(image, g) ** 2))(grid))
+  return jax.grad(grid_grad_sum, argnums=(0, 1))(image, grid)
+
+
 @pytest.mark.parametrize("ndim,mode,padding_mode,align_corners", _CHUNKED_CASES)
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
 def test_chunked_vjp_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mode, align_corners,
@@ -701,20 +730,8 @@ def test_chunked_vjp_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mo
   else:
     monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 200)
   assert stnjax.sampling._num_chunks(6, math.prod(out_spatial) * channels) == 3
-  kwargs = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-  ours_image, ours_grid = image, grid
-  if shared == "grid":
-    ours_grid = grid = grid[0]
-  elif shared == "image":
-    ours_image = image = image[0]
-  out, d_image, d_grid = stnjax_grid_sample(ours_image, ours_grid, cot, **kwargs)
-  ref_out, ref_d_image, ref_d_grid = torch_grid_sample(
-      np.broadcast_to(image, cot.shape[:1] + image.shape[-ndim - 1:]),
-      np.broadcast_to(grid, cot.shape[:1] + grid.shape[-ndim - 1:]), cot, **kwargs)
-  if shared == "grid":
-    ref_d_grid = ref_d_grid.sum(0)
-  elif shared == "image":
-    ref_d_image = ref_d_image.sum(0)
+  (out, d_image, d_grid), (ref_out, ref_d_image, ref_d_grid) = stnjax_and_torch_with_sharing(
+      image, grid, cot, shared, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
   np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
   np.testing.assert_allclose(d_image, ref_d_image, rtol=0, atol=1e-10)
   np.testing.assert_allclose(d_grid, ref_d_grid, rtol=0, atol=1e-10)
@@ -747,20 +764,8 @@ def test_batched_gather_form_matches_torch(x64, rng, monkeypatch, ndim, mode, pa
   monkeypatch.setattr(stnjax.sampling, "_CPU_FLAT_BATCH", False)
   batch, spatial, out_spatial, channels = SHAPES_2D if ndim == 2 else SHAPES_3D
   image, grid, cot = random_case(rng, ((3,), spatial, out_spatial, channels))
-  kwargs = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-  ours_image, ours_grid = image, grid
-  if shared == "grid":
-    ours_grid = grid = grid[0]
-  elif shared == "image":
-    ours_image = image = image[0]
-  got = stnjax_grid_sample(ours_image, ours_grid, cot, **kwargs)
-  ref = list(torch_grid_sample(np.broadcast_to(image, cot.shape[:1] + image.shape[-ndim - 1:]),
-                               np.broadcast_to(grid, cot.shape[:1] + grid.shape[-ndim - 1:]),
-                               cot, **kwargs))
-  if shared == "grid":
-    ref[2] = ref[2].sum(0)
-  elif shared == "image":
-    ref[1] = ref[1].sum(0)
+  got, ref = stnjax_and_torch_with_sharing(
+      image, grid, cot, shared, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert np.abs(ref[1]).max() > 0.1
@@ -768,15 +773,9 @@ def test_batched_gather_form_matches_torch(x64, rng, monkeypatch, ndim, mode, pa
 
 def test_batched_gather_form_second_order_matches_flat(x64, rng, monkeypatch):
   image, grid, cot = map(jnp.asarray, random_case(rng, ((3,), (5, 6), (4, 7), 3)))
-
-  def second(image, grid):
-    def grid_grad_sum(image, grid):
-      return jnp.sum(jax.grad(lambda g: jnp.sum(cot * stnjax.grid_sample(image, g) ** 2))(grid))
-    return jax.grad(grid_grad_sum, argnums=(0, 1))(image, grid)
-
-  flat = second(image, grid)
+  flat = second_order_grads(image, grid, cot)
   monkeypatch.setattr(stnjax.sampling, "_CPU_FLAT_BATCH", False)
-  for a, b in zip(second(image, grid), flat):
+  for a, b in zip(second_order_grads(image, grid, cot), flat):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert float(jnp.abs(flat[1]).max()) > 0.1
 
@@ -826,15 +825,9 @@ def test_sharded_batch_is_sampled_where_it_lives(flat):
 
 def test_chunked_vjp_second_order_matches_unchunked(x64, rng, monkeypatch):
   image, grid, cot = map(jnp.asarray, random_case(rng, ((6,), (5, 6), (4, 7), 3)))
-
-  def second(image, grid):
-    def grid_grad_sum(image, grid):
-      return jnp.sum(jax.grad(lambda g: jnp.sum(cot * stnjax.grid_sample(image, g) ** 2))(grid))
-    return jax.grad(grid_grad_sum, argnums=(0, 1))(image, grid)
-
-  whole = second(image, grid)
+  whole = second_order_grads(image, grid, cot)
   monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 200)
-  chunked = second(image, grid)
+  chunked = second_order_grads(image, grid, cot)
   for a, b in zip(chunked, whole):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert float(jnp.abs(whole[1]).max()) > 0.1
