@@ -240,8 +240,9 @@ def main():
   paper_step, paper_params = paper_st_cnn_step()
   paper_sps = median_steps_per_sec(paper_step, 2, max(10, args.steps // 5))
   device = jax.devices()[0]
-  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}); jax {jax.__version__}, "
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
+        f"jax {jax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), stnjax "
         f"{stnjax.__version__}, python {sys.version.split()[0]}; load average "
         f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of "

@@ -80,7 +80,8 @@ MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
 
 _CUBIC_A = -0.75  # PyTorch's (and OpenCV's) cubic convolution constant.
-_FAR = float(2**24)  # Pixel coordinates are clamped to +-_FAR (float32 integers are exact up to here).
+# Pixel coordinates are clamped to +-_FAR (float32 integers are exact up to here).
+_FAR = float(2**24)
 
 
 def unnormalize(coord: jax.Array, size: int, align_corners: bool) -> jax.Array:
@@ -217,12 +218,13 @@ def _taps(coords: tuple[jax.Array, ...], spec: _Spec) -> list[_Tap]:
 #   index of the `(N * S, C)` image. The image-gradient scatter is faster
 #   this way on XLA:CPU (256 images, image + theta gradient: 1.9 vs 2.6 ms
 #   at 28x28, 10 vs 13 ms at 60x60), but a batch sharded across CPU devices
-#   is all-gathered.
+#   is all-gathered. Tests switch it off to run the batched form on CPU (the
+#   chunked CPU VJP, `_grid_vjp_chunked`, is always flat).
 _CPU_FLAT_BATCH = True
 
 
 def _flat_index(index: jax.Array, size: int, first, count: int) -> jax.Array:
-  """Pixel `index (G, P)` of examples `first + [0, count)` -> rows of the flat image, `(count, P)`."""
+  """Pixel `index (G, P)` of examples `first + [0, count)` -> flat-image rows `(count, P)`."""
   return index + ((first + jnp.arange(count, dtype=jnp.int32)) * size)[:, None]
 
 
@@ -334,7 +336,9 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
   if spec.mode == "nearest":  # Piecewise constant: zero gradient for the coordinates.
     coords_bar = tuple(jnp.zeros_like(c) for c in coords)
   else:
-    values = [jnp.where(_per_point(t.valid, cotangent), _gather_rows(image, t.index, spec.flat_batch, first, cotangent.shape[0]), 0)
+    count = cotangent.shape[0]
+    values = [jnp.where(_per_point(t.valid, cotangent),
+                        _gather_rows(image, t.index, spec.flat_batch, first, count), 0)
               for t in taps]
     dots = _sum_channels([cotangent * v for v in values])  # <cotangent, tap value> per point.
     coords_bar = tuple(sum(dot * t.slopes[a] for dot, t in zip(dots, taps))
@@ -384,7 +388,7 @@ def _pixel_coordinates(grid: tuple[jax.Array, ...], spec: _Spec, with_slopes: bo
 
 
 def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
-  """VJP of sampling `image (N, S[, C])` at grid planes `(G, P)`, for cotangent rows `first + [0, n)`.
+  """VJP of sampling `image (N, S[, C])` at grid planes `(G, P)`; cotangent rows `first + [0, n)`.
 
   Returns `image_bar` (with this call's contribution added) and the grid
   cotangent planes, shaped like `grid`.

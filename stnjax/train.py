@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                       ("config.eval_batch_size", config.eval_batch_size)):
     if value % len(devices):
       raise ValueError(f"`{name}`={value} must be divisible by the number of devices "
-                       f"({len(devices)}).")
+                       f"({len(devices)}; on a CPU, JAX_NUM_CPU_DEVICES sets it).")
   if num_seeds < 1:
     raise ValueError(f"`config.num_seeds` must be >= 1, got {num_seeds}.")
 
