@@ -13,13 +13,16 @@ and synchronised:
    variadic reduction (`sampling._sum_channels`) vs a `jnp.sum` per tap.
 3. chunked VJP: the sampler's image + theta gradient at 256x60x60x1 with the
    CPU chunking vs the whole batch in one piece.
-4. grid gradient: the theta gradient of `affine_grid` alone (256 60x60
+4. gather form: the same gradient at 256x28x28x1 (one chunk) with CPU's
+   flat gather/scatter indices vs the accelerators' batched form
+   (`operand_batching_dims`, `sampling._CPU_FLAT_BATCH = False`).
+5. grid gradient: the theta gradient of `affine_grid` alone (256 60x60
    grids) as one GEMM per coordinate plane vs broadcast multiply-adds.
-5. conv input gradient: the 5x5, 1 -> 10 channel convolution at batch 64 on
+6. conv input gradient: the 5x5, 1 -> 10 channel convolution at batch 64 on
    28x28 (the STN tutorial's first layer), `layers.conv_general_dilated` vs
    `lax.conv_general_dilated`, gradient to the input.
-6. single-channel conv forward: the same layer's forward pass.
-7. max pool: a training step of the STN tutorial network
+7. single-channel conv forward: the same layer's forward pass.
+8. max pool: a training step of the STN tutorial network
    (`scripts/bench_train.py`) with `layers.max_pool` vs `flax.linen.max_pool`.
 """
 
@@ -93,6 +96,12 @@ def rows():
     alternative = sampler_case(60, 60, 1, (0, 1))
     jax.block_until_ready(alternative())
   yield "image+theta grad 256x60x60x1: chunked VJP vs one piece", ours, alternative
+
+  ours = sampler_case(28, 28, 1, (0, 1))
+  with mock.patch.object(sampling, "_CPU_FLAT_BATCH", False):
+    alternative = sampler_case(28, 28, 1, (0, 1))
+    jax.block_until_ready(alternative())
+  yield "image+theta grad 256x28x28x1: flat vs batched gather/scatter", ours, alternative
 
   theta = jnp.asarray(np.random.default_rng(0).normal(size=(256, 2, 3)), jnp.float32)
   plane_cotangent = jnp.ones((256, 60, 60, 2))

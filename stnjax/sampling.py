@@ -215,10 +215,10 @@ def _taps(coords: tuple[jax.Array, ...], spec: _Spec) -> list[_Tap]:
 # * batched (`operand_batching_dims`, accelerators): SPMD partitioning keeps
 #   a batch sharded across devices where it lives, with no collective;
 # * flat (CPU, `_CPU_FLAT_BATCH`): the example offset is folded into the
-#   index of the `(N * S, C)` image. The image-gradient scatter is faster
-#   this way on XLA:CPU (256 images, image + theta gradient: 1.9 vs 2.6 ms
-#   at 28x28, 10 vs 13 ms at 60x60), but a batch sharded across CPU devices
-#   is all-gathered. Tests switch it off to run the batched form on CPU (the
+#   index of the `(N * S, C)` image. XLA:CPU scatters faster this way (image
+#   + theta gradient of 256 28x28 images: 1.51 vs 1.82 ms in
+#   scripts/bench_ablations.py), but a batch sharded across CPU devices is
+#   all-gathered. Tests switch it off to run the batched form on CPU (the
 #   chunked CPU VJP, `_grid_vjp_chunked`, is always flat).
 _CPU_FLAT_BATCH = True
 
@@ -286,8 +286,9 @@ def _sum_channels(arrays: list[jax.Array]) -> list[jax.Array]:
   One variadic reduction for all of them, which XLA:CPU's YNN reduction
   fusions do not claim (they re-gathered the tap values for every element
   when the VJP ran on a whole batch of 256 28x28x32 images). With the
-  chunked VJP the gain over a `jnp.sum` per tap is small: 1.06x for the
-  theta gradient at 256x28x28x32 (scripts/bench_ablations.py).
+  chunked VJP the gain over a `jnp.sum` per tap is nil to small: 1.00x and
+  1.06x in two runs, theta gradient at 256x28x28x32
+  (scripts/bench_ablations.py).
   """
   if arrays[0].ndim == 2:
     return arrays
