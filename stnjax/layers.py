@@ -17,8 +17,9 @@
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
   max through a variadic reduce-window over index arrays; the reshape form
   differentiates elementwise (the STN tutorial's training step: 15.1 vs
-  11.3 ms and 10.0 vs 8.3 ms in two runs of bench_ablations.py). Ties within a window share the gradient
-  equally (the window's maximum is still the value).
+  11.3 ms and 10.0 vs 8.3 ms in two runs of bench_ablations.py). Ties
+  within a window share the gradient equally (the window's maximum is
+  still the value).
 
 `scripts/bench_train.py` measures the effect on a whole training step.
 """
