@@ -120,7 +120,7 @@ def test_sharded_equals_unsharded(tmp_path):
 
 
 _MANY_STEPS_IN_FLIGHT = textwrap.dedent("""
-    import json, sys, jax
+    import sys, jax
     sys.path.insert(0, {configs!r})
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
