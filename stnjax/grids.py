@@ -68,14 +68,15 @@ def _homogeneous(points: np.ndarray) -> np.ndarray:
 
 
 def _apply_matrix(matrix: jax.Array, points: jax.Array) -> list[jax.Array]:
-  """`matrix @ points.T` row by row: one `(P,)` plane per row of `matrix (m, n + 1)`.
+  """`matrix @ points.T` row by row: one `(P,)` plane per row of `matrix (m, k)`.
 
-  `points` is `(P, n + 1)` homogeneous. Each row is its own matrix-vector
-  product, so under `vmap` it becomes one plain `(batch, n + 1) @ (n + 1, P)`
-  GEMM whose gradient is again a GEMM. Broadcast multiply-adds made the
-  theta gradient a reduction on XLA:CPU, 3x slower for a batch of 256 60x60
-  grids (scripts/bench_ablations.py), and a batched einsum a slow batched
-  matmul.
+  `points` is `(P, k)`: homogeneous points (k = n + 1) for affine and
+  projective grids, the TPS basis (k = K control points) for TPS grids. Each
+  row is its own matrix-vector product, so under `vmap` it becomes one plain
+  `(batch, k) @ (k, P)` GEMM whose gradient is again a GEMM. Broadcast
+  multiply-adds made the theta gradient a reduction on XLA:CPU, 3.0x and
+  3.5x slower for a batch of 256 60x60 grids in two runs of
+  scripts/bench_ablations.py, and a batched einsum a slow batched matmul.
   """
   return [jnp.dot(matrix[i], points.T, precision=jax.lax.Precision.HIGHEST)
           for i in range(matrix.shape[0])]
@@ -233,8 +234,6 @@ def tps_grid(control_points: jax.Array, out_shape: Sequence[int], *,
   basis = jnp.asarray(_tps_basis(k, out_shape, bool(align_corners)), control_points.dtype)
 
   def one(points):
-    # Per coordinate plane, so that under vmap each is one (batch, K) @ (K, P) GEMM.
-    planes = [jnp.dot(points[:, i], basis.T, precision=jax.lax.Precision.HIGHEST) for i in (0, 1)]
-    return jnp.stack(planes, axis=-1).reshape(out_shape + (2,))
+    return jnp.stack(_apply_matrix(points.T, basis), axis=-1).reshape(out_shape + (2,))
 
   return _batching.batched_apply(one, (control_points,), (2,), ("control_points",))
