@@ -165,23 +165,24 @@ def _axis_taps(coord: jax.Array, size: int, spec: _Spec):
   """Taps along one array axis.
 
   Args:
-    coord: pixel coordinates along this axis; already padded for
-      bilinear/nearest, raw for bicubic (which pads each tap).
+    coord: pixel coordinates along this axis (clamped to +-_FAR); already
+      padded for bilinear/nearest, raw for bicubic (which pads each tap).
     size: the image's size along this axis.
 
   Returns:
-    Lists (one entry per tap) of positions (integer-valued floats), weights
-    and weight derivatives d weight / d coord.
+    Lists (one entry per tap) of int32 positions, weights and weight
+    derivatives d weight / d coord.
   """
   if spec.mode == "nearest":
     position = jnp.round(coord)  # Rounds half to even, like std::nearbyint.
-    return [position], [jnp.ones_like(coord)], [jnp.zeros_like(coord)]
+    return [position.astype(jnp.int32)], [jnp.ones_like(coord)], [jnp.zeros_like(coord)]
   base = jnp.floor(coord)
   if spec.mode == "bilinear":
     one = jnp.ones_like(coord)
-    return [base, base + 1], [base + 1 - coord, coord - base], [-one, one]
+    first = base.astype(jnp.int32)
+    return [first, first + 1], [base + 1 - coord, coord - base], [-one, one]
   weights, derivatives = _cubic_weights(coord - base)
-  positions = [_pad(base + offset, size, spec.padding_mode, spec.align_corners)
+  positions = [_pad(base + offset, size, spec.padding_mode, spec.align_corners).astype(jnp.int32)
                for offset in (-1, 0, 1, 2)]
   return positions, weights, derivatives
 
@@ -196,8 +197,10 @@ def _taps(coords: tuple[jax.Array, ...], spec: _Spec) -> list[_Tap]:
     valid, index = True, 0
     for a, t in enumerate(combo):
       position = per_axis[a][0][t]
-      valid = valid & (position >= 0) & (position <= spec.spatial[a] - 1)
-      index = index + jnp.clip(position, 0, spec.spatial[a] - 1).astype(jnp.int32) * strides[a]
+      # 0 <= position < size as one unsigned compare (negatives wrap to huge values).
+      inside = jax.lax.bitcast_convert_type(position, jnp.uint32) < spec.spatial[a]
+      valid = valid & inside
+      index = index + jnp.clip(position, 0, spec.spatial[a] - 1) * strides[a]
     weights = [per_axis[a][1][t] for a, t in enumerate(combo)]
     slopes = tuple(
         math.prod(per_axis[a][2][t] if b == a else w for b, w in enumerate(weights))
