@@ -24,9 +24,15 @@ and synchronised:
 7. single-channel conv forward: the same layer's forward pass.
 8. max pool: a training step of the STN tutorial network
    (`scripts/bench_train.py`) with `layers.max_pool` vs `flax.linen.max_pool`.
+9. tap bounds: the sampler's forward pass at 256x28x28x1 with int32 tap
+   positions tested by one unsigned compare per axis (`sampling._taps`) vs
+   float positions tested by two compares (`float_compare_taps`, the
+   previous code).
 """
 
 import argparse
+import itertools
+import math
 import os
 import statistics
 from unittest import mock
@@ -65,6 +71,36 @@ def sampler_case(h, w, c, argnums):
 
 def per_tap_sums(arrays):
   return [jnp.sum(x, axis=-1) for x in arrays] if arrays[0].ndim == 3 else arrays
+
+
+def float_compare_taps(coords, spec):
+  """`sampling._taps` as it was (bilinear only): float positions, `0 <= p <= size - 1`."""
+  strides = [math.prod(spec.spatial[a + 1:]) for a in range(len(spec.spatial))]
+  per_axis = []
+  for coord in coords:
+    base, one = jnp.floor(coord), jnp.ones_like(coord)
+    per_axis.append(([base, base + 1], [base + 1 - coord, coord - base], [-one, one]))
+  taps = []
+  for combo in itertools.product(*(range(2) for _ in coords)):
+    valid, index = True, 0
+    for a, t in enumerate(combo):
+      position = per_axis[a][0][t]
+      valid = valid & (position >= 0) & (position <= spec.spatial[a] - 1)
+      index = index + jnp.clip(position, 0, spec.spatial[a] - 1).astype(jnp.int32) * strides[a]
+    weights = [per_axis[a][1][t] for a, t in enumerate(combo)]
+    slopes = tuple(
+        math.prod(per_axis[a][2][t] if b == a else w for b, w in enumerate(weights))
+        for a, t in enumerate(combo))
+    taps.append(sampling._Tap(valid, index, math.prod(weights), slopes))
+  return taps
+
+
+def forward_case(h, w, c):
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.random((256, h, w, c), np.float32))
+  theta = jnp.asarray(np.eye(2, 3, dtype=np.float32) + rng.normal(0, 0.2, (256, 2, 3)), jnp.float32)
+  fn = jax.jit(lambda image, theta: stnjax.grid_sample(image, stnjax.affine_grid(theta, (h, w))))
+  return lambda: fn(image, theta)
 
 
 def multiply_add_planes(matrix, points):
@@ -138,6 +174,12 @@ def rows():
     alternative_step = bench_train.flax_tutorial_step()
     alternative_step()
   yield "STN tutorial training step: layers.max_pool vs nn.max_pool", ours_step, alternative_step
+
+  ours = forward_case(28, 28, 1)
+  with mock.patch.object(sampling, "_taps", float_compare_taps):
+    alternative = forward_case(28, 28, 1)
+    jax.block_until_ready(alternative())
+  yield "forward 256x28x28x1: int taps, one unsigned compare vs float, two", ours, alternative
 
 
 def main():
