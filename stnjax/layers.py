@@ -7,17 +7,18 @@
   round-off. XLA:CPU lowers the input gradient of a convolution with few
   input channels to a slow transposed convolution; the VJP here computes it
   as a matrix product of the output cotangent with the kernel followed by a
-  sum of shifted copies ("col2im"): 5.5x to 5.8x faster for a 5x5, 1 -> 10
+  sum of shifted copies ("col2im"): 4.6x to 5.8x faster for a 5x5, 1 -> 10
   channel conv at batch 64 on 28x28. The kernel gradient keeps XLA's own
   convolution, which is fast. A single-channel input (a network's first
-  layer) is convolved as fused multiply-adds, 2.3x to 3.4x faster than
-  XLA's convolution there. Measured by scripts/bench_ablations.py (ranges:
-  two runs).
+  layer) is convolved as fused multiply-adds, 2.3x to 3.7x faster than
+  XLA's convolution there. Measured by scripts/bench_ablations.py (ranges
+  over six runs on 2026-11-21, one pinned to one core).
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
   max through a variadic reduce-window over index arrays; the reshape form
-  differentiates elementwise (the STN tutorial's training step: 15.1 vs
-  11.3 ms and 10.0 vs 8.3 ms in two runs of bench_ablations.py). Ties
+  differentiates elementwise (the STN tutorial's training step: 1.10x to
+  1.34x faster in six runs of bench_ablations.py, e.g. 15.1 vs 11.3 ms
+  and 9.68 vs 8.80 ms). Ties
   within a window share the gradient equally (the window's maximum is
   still the value).
 
@@ -61,7 +62,7 @@ def _conv(x, w, padding):
 def _conv_one_input_channel(x, w, padding):
   """The convolution of a single-channel input as kh * kw broadcast multiply-adds.
 
-  XLA fuses them into one loop: 2.3x to 3.4x faster than its convolution on CPU for
+  XLA fuses them into one loop: 2.3x to 3.7x faster than its convolution on CPU for
   a 5x5, 1 -> 10 channel conv at batch 64 on 28x28 (bench_ablations.py).
   """
   kh, kw = w.shape[:2]
