@@ -29,9 +29,9 @@ and synchronised:
    float positions tested by two compares (`float_compare_taps`, the
    previous code).
 10. reduced samples: a mean squared error of the sampler's output at
-   256x60x60x1 (forward only), with the last tap added through a select
-   (`sampling._sample`) vs every tap's value masked (`masked_values_sample`,
-   the previous code).
+    256x60x60x1 (forward only), with the last tap added through a select
+    (`sampling._sample`) vs every tap's value masked
+    (`masked_values_sample`, the previous code).
 """
 
 import argparse
