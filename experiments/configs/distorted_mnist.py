@@ -24,11 +24,12 @@ Expected (see scripts/run.sh and docs/models.md for the measurements):
 * `preset=short`, `st_cnn_aff` on RTS (width-32 classifier, 123,448 parameters):
   2,000 steps of batch 64, Adam 1e-3 with cosine decay. On the 2-core shared
   CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh` on a
-  fresh clone measured 96 s wall in all (data loading, ~37 steps/s data
-  parallel on 2 CPU devices, 5 evals of 20k images, figures) and a test
-  error of 2.50% (9750 / 10000), validation 2.50% (on one device: 111 s for
-  the training alone, ~30 steps/s, test 2.64%); the transformer learns to
-  zoom in (mean scale ~0.54) and to centre the digits.
+  fresh clone (commit caf27a6) measured 99 s wall in all (data loading,
+  ~37 steps/s data parallel on 2 CPU devices, 5 evals of 20k images,
+  figures) and a test error of 2.49% (9751 / 10000), validation 2.45% (on
+  one device, at 2b70bc9: 111 s for the training alone, ~30 steps/s, test
+  2.64%); the transformer learns to zoom in (mean scales ~0.51 in x and
+  ~0.54 in y) and to centre the digits.
 * `preset=paper`: 150k steps of batch 256; the paper's test error for ST-CNN
   Aff on RTS is 0.5% (Table 1; REFERENCE.md). Far too slow for a CPU (hours
   per model); meant for a GPU.
