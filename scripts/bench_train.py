@@ -32,6 +32,11 @@ execution). Row 5 is timed once, after the others.
    data parallel over all devices as in `stnjax.train`.
 
 Prints a Markdown table with the ratio stnjax / torch and the device.
+
+On Linux with glibc >= 2.35, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (which
+`scripts/run.sh` sets) makes XLA:CPU's per-call temporaries fault in as huge
+pages: row 5's step took 545 to 565 instead of 597 to 634 ms on one device
+in the README's measurements; the batch-64 rows did not change measurably.
 """
 
 import argparse
