@@ -64,10 +64,16 @@ def sample_loss(image, theta, cotangent):
   return jnp.vdot(stnjax.grid_sample(image, grid), cotangent)
 
 
-def sampler_case(h, w, c, argnums):
+def random_batch(h, w, c):
+  """A seeded generator, 256 random `(h, w, c)` images and near-identity thetas."""
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.random((256, h, w, c), np.float32))
   theta = jnp.asarray(np.eye(2, 3, dtype=np.float32) + rng.normal(0, 0.2, (256, 2, 3)), jnp.float32)
+  return rng, image, theta
+
+
+def sampler_case(h, w, c, argnums):
+  rng, image, theta = random_batch(h, w, c)
   cotangent = jnp.asarray(rng.normal(size=(256, h, w, c)), jnp.float32)
   fn = jax.jit(jax.grad(sample_loss, argnums=argnums))  # Traced (and patched) on first call.
   return lambda: fn(image, theta, cotangent)
@@ -110,18 +116,15 @@ def masked_values_sample(image, coords, spec):
 
 
 def mse_case(h, w, c):
-  rng = np.random.default_rng(0)
-  image, target = (jnp.asarray(rng.random((256, h, w, c), np.float32)) for _ in range(2))
-  theta = jnp.asarray(np.eye(2, 3, dtype=np.float32) + rng.normal(0, 0.2, (256, 2, 3)), jnp.float32)
+  rng, image, theta = random_batch(h, w, c)
+  target = jnp.asarray(rng.random((256, h, w, c), np.float32))
   fn = jax.jit(lambda image, theta: jnp.mean(
       (stnjax.grid_sample(image, stnjax.affine_grid(theta, (h, w))) - target) ** 2))
   return lambda: fn(image, theta)
 
 
 def forward_case(h, w, c):
-  rng = np.random.default_rng(0)
-  image = jnp.asarray(rng.random((256, h, w, c), np.float32))
-  theta = jnp.asarray(np.eye(2, 3, dtype=np.float32) + rng.normal(0, 0.2, (256, 2, 3)), jnp.float32)
+  _, image, theta = random_batch(h, w, c)
   fn = jax.jit(lambda image, theta: stnjax.grid_sample(image, stnjax.affine_grid(theta, (h, w))))
   return lambda: fn(image, theta)
 

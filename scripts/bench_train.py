@@ -33,15 +33,16 @@ execution). Row 5 is timed once, after the others.
 
 Prints a Markdown table with the ratio stnjax / torch and the device.
 
-On Linux with glibc >= 2.35, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (which
-`scripts/run.sh` sets) makes XLA:CPU's per-call temporaries fault in as huge
-pages: row 5's step took 545 to 565 instead of 597 to 634 ms on one device
-in the README's measurements; the batch-64 rows did not change measurably.
+Row 5 also reports its minor page faults per step: XLA:CPU allocates each
+call's temporaries afresh. On Linux with glibc >= 2.35,
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (which `scripts/run.sh` sets) backs
+them with transparent huge pages; the README gives row 5 with and without it.
 """
 
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 
@@ -243,7 +244,11 @@ def main():
   rows.update(torch_plain=torch_step(use_st=False), flax_plain=flax_tutorial_step(use_st=False))
   sps, _ = interleaved_steps_per_sec(rows, args.warmup, args.steps, args.rounds)
   paper_step, paper_params = paper_st_cnn_step()
-  paper_sps = median_steps_per_sec(paper_step, 2, max(10, args.steps // 5))
+  paper_steps = max(10, args.steps // 5)
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  paper_sps = median_steps_per_sec(paper_step, 2, paper_steps)
+  paper_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (
+      paper_steps + 2)
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
@@ -266,6 +271,8 @@ def main():
         f"{sps['flax_plain']:.1f} | {sps['flax_plain'] / sps['torch_plain']:.2f} |")
   print(f"| paper ST-CNN Aff ({paper_params:,} params), {jax.device_count()} device(s) | "
         f"stnjax/flax | 256 | 42x42 RTS | {paper_sps:.2f} | - |")
+  print(f"\nRow 5: {paper_faults:,.0f} minor page faults per step "
+        f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}).")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ fi
 # the kernel offers them on request (THP mode "madvise"). XLA:CPU allocates a
 # program's temporaries afresh on every call, and touching them in 4 KiB pages
 # cost this job about 8% on the project's VM (wall 89 and 93 s vs 100 and 99 s,
-# same results); the paper-size step at batch 256 took about 600 page faults
-# instead of 49,000. Needs glibc >= 2.35 (older ones and other C libraries
-# ignore it). Set GLIBC_TUNABLES to override.
+# same results); the paper-size step at batch 256 (row 5 of
+# scripts/bench_train.py) ran at 2.22 and 2.06 vs 1.97 and 1.93 steps/s, with
+# about 2,700 instead of 51,000 page faults per step. Needs glibc >= 2.35
+# (older ones and other C libraries ignore it). Set GLIBC_TUNABLES to override.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 start=$(date +%s)
 .venv/bin/python experiments/train.py \
