@@ -21,7 +21,8 @@ execution). Row 5 is timed once, after the others.
 3. stnjax, data parallel: row 2's step with the batch sharded over
    `--cpu-devices` CPU devices (default: one per core; JAX's way to use
    several cores for data parallelism, `JAX_NUM_CPU_DEVICES`), parameters
-   replicated, gradients all-reduced (the same sharding as
+   replicated, each device's gradients averaged in one all-reduce of one
+   flat vector (`jax.shard_map` and `train.all_reduce_mean`, as in
    `stnjax.train`). Only on CPU, with more than one device.
 4. torch and flax: the tutorial's classifier alone (no transformer), to
    attribute the difference between rows 1 and 2 to the transformer or to
@@ -165,7 +166,9 @@ def flax_tutorial_step(use_st=True, data_parallel=False):
   """One synchronous training step of the flax + stnjax tutorial network (a callable).
 
   With `data_parallel`, the batch is sharded over all devices and the state
-  replicated (jit inserts the gradient all-reduce).
+  replicated; as in `stnjax.train`, each device computes the gradient of its
+  part of the batch inside `jax.shard_map` and one all-reduce of one flat
+  vector averages them (`train.all_reduce_mean`).
   """
   model = TutorialNet(use_st)
   x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
@@ -173,24 +176,35 @@ def flax_tutorial_step(use_st=True, data_parallel=False):
   params = model.init(jax.random.key(2), x, train=False)["params"]
   tx = optax.sgd(0.01)
   state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+
+  def loss_grads(params, x, y, key):
+    def loss_fn(p):
+      logp = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+      return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+    return jax.grad(loss_fn)(params)
+
+  def apply_update(state, grads):
+    params, opt_state, step = state
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, step + 1
+
+  dropout_key = lambda step: jax.random.fold_in(jax.random.key(3), step)
   if data_parallel:
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
 
-  @jax.jit
-  def train_step(state, x, y):
-    params, opt_state, step = state
-    key = jax.random.fold_in(jax.random.key(3), step)
+    def device_step(state, x, y):  # On one device's part of the batch.
+      key = jax.random.fold_in(dropout_key(state[2]), jax.lax.axis_index("data"))
+      grads = loss_grads(jax.lax.pcast(state[0], "data", to="varying"), x, y, key)
+      return apply_update(state, train.all_reduce_mean(grads, "data"))
 
-    def loss_fn(p):
-      logp = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
-      return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
-
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, step + 1
+    train_step = jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                               out_specs=P())
+  else:
+    def train_step(state, x, y):
+      return apply_update(state, loss_grads(state[0], x, y, dropout_key(state[2])))
 
   train_step = jax.jit(train_step, donate_argnums=0)
   holder = [state]
