@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stnjax import _fusion
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The hand-written VJP is used up to this many kernel taps x input channels:
 # its input gradient materialises patches of this width, which pays for
@@ -85,30 +87,14 @@ def _conv_as_matmul(x, w, padding):
   return jnp.dot(patches, w.reshape(kh * kw * cin, cout))
 
 
-def _own_loop_on_cpu(x):
-  """Returns `x` unchanged; on CPU, computed in a loop of its own.
-
-  XLA:CPU fuses the multiply-adds of `_conv_one_input_channel` into each
-  consumer (the max pool after a network's first layer), where its loops run
-  about 3x slower than alone (conv + 2x2 max pool forward, 32x28x28 -> 8
-  channels, one core: 1.0 vs 0.33 ms). A conditional is a fusion boundary
-  XLA keeps: its predicate is a constant hidden from XLA's simplifier by
-  an optimization barrier (which XLA:CPU drops only after simplification),
-  and its branches, `x` and `-(-x)`, are bitwise equal (negation flips the
-  sign bit only), so the value is `x` whichever runs. The predicate does not
-  depend on `x`, so under `jax.vmap` it stays a conditional.
-  """
-  def boundary(x):
-    keep = jax.lax.optimization_barrier(jnp.bool_(True))
-    return lax.cond(keep, lambda x: x, lambda x: -(-x), x)
-
-  return lax.platform_dependent(x, cpu=boundary, default=lambda x: x)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv2d(x, w, padding):
   if x.shape[-1] == 1:
-    return _own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
+    # XLA:CPU fuses these multiply-adds into each consumer (the max pool after
+    # a network's first layer), where they ran about 3x slower than alone
+    # (conv + 2x2 max pool forward, 32x28x28 -> 8 channels, one core: 1.0 vs
+    # 0.34 ms): computed in a loop of their own instead.
+    return _fusion.own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
   return _conv(x, w, padding)
 
 

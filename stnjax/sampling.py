@@ -75,6 +75,7 @@ import jax
 import jax.numpy as jnp
 
 from stnjax import _batching
+from stnjax import _fusion
 
 MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
@@ -499,6 +500,10 @@ def _interpolate_bwd(spec, residuals, cotangent):
     return _grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))
 
   def cpu(image, grid, cotangent):
+    # Every tap reads the cotangent (twice for bilinear): computed once, in
+    # a loop of its own, rather than fused into and recomputed by each tap
+    # (the STN tutorial's training step: 1.09x faster; see the README).
+    cotangent = _fusion.own_loop_on_cpu(cotangent)
     cpu_spec = spec._replace(flat_batch=_CPU_FLAT_BATCH)
     if num_chunks == 1:
       return _grid_vjp(image, grid, cotangent, cpu_spec, jnp.zeros_like(image))

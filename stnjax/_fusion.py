@@ -1,0 +1,32 @@
+"""A fusion boundary for XLA:CPU, for values that fused loops would recompute or slow down.
+
+XLA:CPU fuses an elementwise producer into each of its consumers. Where the
+producer is large (dozens of taps) or its consumer reads it many times, the
+fused loops run far slower than the producer alone: stnjax marks two such
+values (`layers._conv2d`, `sampling._interpolate_bwd`; the README's training
+benchmark gives the numbers).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def own_loop_on_cpu(x: jax.Array) -> jax.Array:
+  """Returns `x` unchanged; on CPU, computed in a loop of its own (then read from memory).
+
+  The boundary is a conditional, which XLA keeps as a separate computation:
+  its predicate is a constant hidden from XLA's simplifier by an
+  optimization barrier (which XLA:CPU removes only after simplification;
+  `lax.optimization_barrier` alone does not stop fusion there), and its
+  branches, `x` and `-(-x)`, are bitwise equal (negation flips the sign bit
+  only), so the value is `x` whichever runs. The predicate does not depend
+  on `x`, so under `jax.vmap` it stays a conditional rather than a select.
+  Other platforms get `x` as is. Differentiable (the cotangent passes
+  through the same boundary).
+  """
+  def boundary(x):
+    keep = lax.optimization_barrier(jnp.bool_(True))
+    return lax.cond(keep, lambda x: x, lambda x: -(-x), x)
+
+  return lax.platform_dependent(x, cpu=boundary, default=lambda x: x)
