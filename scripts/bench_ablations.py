@@ -32,6 +32,12 @@ and synchronised:
     256x60x60x1 (forward only), with the last tap added through a select
     (`sampling._sample`) vs every tap's value masked
     (`masked_values_sample`, the previous code).
+11. fusion boundary, layer: the STN tutorial's first localisation layer
+    (7x7, 1 -> 8 channels) and its 2x2 max pool, forward, at batch 32 on
+    28x28, with the convolution in a loop of its own
+    (`_fusion.own_loop_on_cpu`) vs fused into the pool.
+12. fusion boundaries, training step: row 8's step with both of stnjax's
+    boundaries (that convolution; the sampler VJP's cotangent) vs none.
 """
 
 import argparse
@@ -49,8 +55,10 @@ import numpy as np
 import bench_train
 import timing
 import stnjax
+from stnjax import _fusion
 from stnjax import grids
 from stnjax import layers
+from stnjax import models
 from stnjax import sampling
 
 
@@ -212,6 +220,31 @@ def rows():
     alternative = mse_case(60, 60, 1)
     jax.block_until_ready(alternative())
   yield "MSE of samples 256x60x60x1: last tap by select vs masked values", ours, alternative
+
+
+  no_boundary = mock.patch.object(_fusion, "own_loop_on_cpu", lambda x: x)
+
+  class ConvPool(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.max_pool(models.Conv(8, (7, 7), padding="VALID")(x), (2, 2), (2, 2))
+
+  images = jax.random.uniform(jax.random.key(5), (32, 28, 28, 1))
+  conv_pool_params = ConvPool().init(jax.random.key(6), images)["params"]
+  forward = lambda: jax.jit(lambda p, x: ConvPool().apply({"params": p}, x))
+  ours_fn = forward()
+  ours = lambda: ours_fn(conv_pool_params, images)
+  alternative_fn = forward()
+  with no_boundary:
+    jax.block_until_ready(alternative_fn(conv_pool_params, images))  # Traced without it.
+  alternative = lambda: alternative_fn(conv_pool_params, images)
+  yield "conv 7x7 1->8 + max pool forward 32x28x28: own loop vs fused", ours, alternative
+
+  ours_step = bench_train.flax_tutorial_step()
+  with no_boundary:
+    alternative_step = bench_train.flax_tutorial_step()
+    alternative_step()
+  yield "STN tutorial training step: fusion boundaries vs none", ours_step, alternative_step
 
 
 def main():

@@ -11,8 +11,10 @@
   channel conv at batch 64 on 28x28. The kernel gradient keeps XLA's own
   convolution, which is fast. A single-channel input (a network's first
   layer) is convolved as fused multiply-adds, 2.3x to 3.7x faster than
-  XLA's convolution there. Measured by scripts/bench_ablations.py (ranges
-  over six runs on 2026-11-21, one pinned to one core).
+  XLA's convolution there (scripts/bench_ablations.py, six runs on
+  2026-11-21, one pinned to one core). On CPU they are computed in a loop
+  of their own (`_fusion.own_loop_on_cpu`): fused into the max pool that
+  follows, the same multiply-adds ran 3x slower (bench_ablations.py too).
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
   max through a variadic reduce-window over index arrays; the reshape form

@@ -12,8 +12,10 @@
   state leaf except `step` has a leading seed axis.
 * Data parallel over all devices with `jax.sharding`: a 1-D `Mesh` named
   "data"; batches are sharded along the example axis, parameters and
-  optimizer state replicated. The same code runs on 1 CPU, 1 GPU or N
-  devices. With several CPU devices (`JAX_NUM_CPU_DEVICES=N`, or
+  optimizer state replicated. The step is a `jax.shard_map`: each device
+  takes the gradient of its part of the batch, and one all-reduce of one
+  flat vector averages them (`all_reduce_mean`). The same code runs on 1
+  CPU, 1 GPU or N devices. With several CPU devices (`JAX_NUM_CPU_DEVICES=N`, or
   `XLA_FLAGS=--xla_force_host_platform_device_count=N`) the loop keeps one
   step in flight: with dozens queued, XLA:CPU's gradient all-reduce waited
   forever for a device that never ran (jax 0.10.2, 2 and 4 CPU devices on 2

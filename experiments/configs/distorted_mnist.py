@@ -24,13 +24,13 @@ Expected (see scripts/run.sh and docs/models.md for the measurements):
 * `preset=short`, `st_cnn_aff` on RTS (width-32 classifier, 123,448 parameters):
   2,000 steps of batch 64, Adam 1e-3 with cosine decay. On the 2-core shared
   CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh` on a
-  fresh clone (commit 01635dc) measured 92 s wall in all (data loading,
-  ~37 steps/s data parallel on 2 CPU devices, 5 evals of 20k images,
-  figures; 99 s at caf27a6, before run.sh set GLIBC_TUNABLES) and a test
-  error of 2.49% (9751 / 10000), validation 2.45% (on
-  one device, at 2b70bc9: 111 s for the training alone, ~30 steps/s, test
-  2.64%); the transformer learns to zoom in (mean scales ~0.51 in x and
-  ~0.54 in y) and to centre the digits.
+  fresh clone (commit 672effa) measured 71 s wall in all (data loading,
+  ~51 steps/s data parallel on 2 CPU devices, 5 evals of 20k images,
+  figures; 92 s at 01635dc, 99 s at caf27a6) and a test error of 2.58%
+  (9742 / 10000), validation 2.40% (2.49% and 2.45% at 01635dc: float
+  round-off; on one device, at 2b70bc9: 111 s for the training alone,
+  ~30 steps/s, test 2.64%); the transformer learns to zoom in (mean scales
+  ~0.52 in x and ~0.54 in y) and to centre the digits.
 * `preset=paper`: 150k steps of batch 256; the paper's test error for ST-CNN
   Aff on RTS is 0.5% (Table 1; REFERENCE.md). Far too slow for a CPU (hours
   per model); meant for a GPU.
