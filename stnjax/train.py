@@ -15,7 +15,8 @@
   optimizer state replicated. The step is a `jax.shard_map`: each device
   takes the gradient of its part of the batch, and one all-reduce of one
   flat vector averages them (`all_reduce_mean`). The same code runs on 1
-  CPU, 1 GPU or N devices. With several CPU devices (`JAX_NUM_CPU_DEVICES=N`, or
+  CPU, 1 GPU or N devices. With several CPU devices
+  (`JAX_NUM_CPU_DEVICES=N`, or
   `XLA_FLAGS=--xla_force_host_platform_device_count=N`) the loop keeps one
   step in flight: with dozens queued, XLA:CPU's gradient all-reduce waited
   forever for a device that never ran (jax 0.10.2, 2 and 4 CPU devices on 2
@@ -185,10 +186,10 @@ def make_functions(model, optimizer, dataset, mesh, batch_size: int):
     Every device holds the same state and an equal part of the batch; the
     per-device mean gradients and metrics are averaged over "data" in one
     all-reduce of one flat vector, which equals the gradient of the mean
-    over the whole batch. One all-reduce rather than one per parameter:
-    XLA:CPU does not combine them and each costs a rendezvous of the device
-    threads (the tutorial step on 2 CPU devices: 6.5 vs 8.2 ms, see the
-    README's training benchmark).
+    over the whole batch. One operand rather than one per parameter:
+    XLA:CPU's all-reduce runs one rendezvous of the device threads per
+    operand (the STN tutorial's step on 2 CPU devices: 1.19x-1.27x torch's
+    speed vs 0.94x-1.04x, see the README's training benchmark).
     """
     # Per-device gradients: differentiating the replicated parameters
     # themselves would make JAX all-reduce each gradient separately.
