@@ -221,7 +221,6 @@ def rows():
     jax.block_until_ready(alternative())
   yield "MSE of samples 256x60x60x1: last tap by select vs masked values", ours, alternative
 
-
   no_boundary = mock.patch.object(_fusion, "own_loop_on_cpu", lambda x: x)
 
   class ConvPool(nn.Module):

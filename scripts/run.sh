@@ -15,7 +15,8 @@ export STNJAX_MNIST_DIR=${STNJAX_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}
 WORKDIR=${WORKDIR:-workdirs/main}
 # On a CPU, train data parallel over one JAX CPU device per core (at most 8,
 # a divisor of the batch sizes): 37 vs 30 steps/s on this project's 2-core
-# machine at commit 2b70bc9 (51 steps/s data parallel at 672effa). Ignored when JAX runs on a GPU/TPU. Set JAX_NUM_CPU_DEVICES=1 for one.
+# machine at commit 2b70bc9 (51 steps/s data parallel at 672effa). Ignored
+# when JAX runs on a GPU/TPU. Set JAX_NUM_CPU_DEVICES=1 for one.
 if [[ -z "${JAX_NUM_CPU_DEVICES:-}" ]]; then
   cores=$(nproc)
   for d in 8 4 2 1; do
