@@ -10,6 +10,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -778,6 +779,64 @@ def test_batched_gather_form_second_order_matches_flat(x64, rng, monkeypatch):
   for a, b in zip(second_order_grads(image, grid, cot), flat):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert float(jnp.abs(flat[1]).max()) > 0.1
+
+
+# On CPU, single-channel 2-D bilinear sampling reads each image row's two taps
+# as one complex pair (sampling._sample_row_pairs); the VJP is the generic one.
+def uses_row_pairs(image, grid, **kwargs):
+  """Whether the compiled sampler gathers complex pairs (the row-pair path)."""
+  hlo = jax.jit(functools.partial(stnjax.grid_sample, **kwargs)).lower(image, grid).compile()
+  return re.search(r"c(64|128)\[[0-9,]*\]\{[0-9,]*\} gather\(", hlo.as_text()) is not None
+
+
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("align_corners", ALIGNS)
+@pytest.mark.parametrize("shared", ("none", "grid", "image"))
+def test_row_pair_path_matches_torch(x64, rng, padding_mode, align_corners, shared):
+  image, grid, cot = random_case(rng, ((3,), (5, 6), (4, 7), 1))
+  grid[0, 0, :2] = [[40.0, 0.2], [-7.0, 0.3]]  # Far outside.
+  kwargs = dict(padding_mode=padding_mode, align_corners=align_corners)
+  assert uses_row_pairs(image, grid, **kwargs)
+  got, ref = stnjax_and_torch_with_sharing(image, grid, cot, shared, **kwargs)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+  assert np.abs(ref[0]).max() > 0.1
+
+
+@pytest.mark.parametrize("shape,out_shape", [((2, 5, 6, 1), (4, 7)), ((1, 9, 4, 1), (11, 3)),
+                                             ((3, 1, 8, 1), (2, 5))])
+def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape):
+  image = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  theta = jnp.asarray(np.eye(2, 3) + 0.4 * rng.normal(size=(shape[0], 2, 3)), jnp.float32)
+  grid = np.array(stnjax.affine_grid(theta, out_shape))
+  grid[0, 0, :3] = [[np.inf, 0.0], [0.0, -np.inf], [np.nan, 0.5]]  # NaN is -1.
+  assert uses_row_pairs(image, grid)
+  pairs = jax.jit(stnjax.grid_sample)(image, grid)
+  monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
+  assert not uses_row_pairs(image, grid)
+  np.testing.assert_allclose(pairs, jax.jit(stnjax.grid_sample)(image, grid), rtol=0, atol=1e-6)
+  assert float(jnp.abs(pairs).max()) > 0.1
+
+
+def test_row_pair_path_reads_no_pixel_outside_the_taps(x64):
+  # Every pixel but a 2x2 block (rows 1-2, the last two columns) and the
+  # first column is inf. Points whose outer taps fall left of column 0 or
+  # right of the last column must not read the neighbouring rows' inf pixels
+  # that sit next to them in memory.
+  height, width = 4, 5
+  image = np.full((height, width, 1), np.inf)
+  image[1:3, -2:, 0] = [[1.0, 2.0], [3.0, 4.0]]
+  image[:, 0, 0] = [5.0, 6.0, 7.0, 8.0]
+  rows = np.array([1.25, 1.5, 2.0, 0.5])
+  cols = np.array([width - 0.75, width - 1.5, -0.5, -0.25])  # Right, inside, left, left.
+  grid = jnp.asarray(pixel_grid(cols, rows, width, height, False)[None])  # (1, 4, 2).
+  assert uses_row_pairs(image, grid)
+  out = np.asarray(stnjax.grid_sample(image, grid))[0, :, 0]
+  expected = [0.75 * (0.75 * 2.0) + 0.25 * (0.75 * 4.0),  # Right column's taps only.
+              0.5 * (1.5 + 3.5),  # Between the last two columns, rows 1 and 2.
+              0.5 * 7.0,  # Column 0 at weight 0.5, row 2 only.
+              0.5 * (0.75 * 5.0 + 0.75 * 6.0)]  # Rows 0 and 1 of column 0.
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
 
 
 _SHARDED_SAMPLING = textwrap.dedent(r"""
