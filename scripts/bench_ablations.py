@@ -24,13 +24,13 @@ and synchronised:
 7. single-channel conv forward: the same layer's forward pass.
 8. max pool: a training step of the STN tutorial network
    (`scripts/bench_train.py`) with `layers.max_pool` vs `flax.linen.max_pool`.
-9. tap bounds: the sampler's forward pass at 256x28x28x1 with int32 tap
-   positions tested by one unsigned compare per axis (`sampling._taps`) vs
-   float positions tested by two compares (`float_compare_taps`, the
-   previous code).
+9. tap bounds: the sampler's forward pass at 256x28x28x1 on the four-tap
+   path (`sampling._sample`, row pairs off) with int32 tap positions tested
+   by one unsigned compare per axis (`sampling._taps`) vs float positions
+   tested by two compares (`float_compare_taps`, the previous code).
 10. reduced samples: a mean squared error of the sampler's output at
-    256x60x60x1 (forward only), with the last tap added through a select
-    (`sampling._sample`) vs every tap's value masked
+    256x60x60x1 (forward only, four-tap path), with the last tap added
+    through a select (`sampling._sample`) vs every tap's value masked
     (`masked_values_sample`, the previous code).
 11. fusion boundary, layer: the STN tutorial's first localisation layer
     (7x7, 1 -> 8 channels) and its 2x2 max pool, forward, at batch 32 on
@@ -38,6 +38,14 @@ and synchronised:
     (`_fusion.own_loop_on_cpu`) vs fused into the pool.
 12. fusion boundaries, training step: row 8's step with both of stnjax's
     boundaries (that convolution; the sampler VJP's cotangent) vs none.
+13. row pairs: the sampler's forward pass at 256x28x28x1 (and 256x42x42x1)
+    with one complex gather per image row (`sampling._sample_row_pairs`)
+    vs the four-tap path.
+14. flat output loop: the same forward with the row-pair sampler in a loop
+    over its flat `(N, H * W)` output, then copied to `(N, H, W, 1)`, vs
+    fused into that copy (a loop over `(N, H, W, 1)`).
+
+--rows SUBSTRING runs only the rows whose name contains it.
 """
 
 import argparse
@@ -209,17 +217,24 @@ def rows():
     alternative_step()
   yield "STN tutorial training step: layers.max_pool vs nn.max_pool", ours_step, alternative_step
 
-  ours = forward_case(28, 28, 1)
-  with mock.patch.object(sampling, "_taps", float_compare_taps):
-    alternative = forward_case(28, 28, 1)
-    jax.block_until_ready(alternative())
-  yield "forward 256x28x28x1: int taps, one unsigned compare vs float, two", ours, alternative
+  four_taps = mock.patch.object(sampling, "_uses_row_pairs", lambda image, spec: False)
+  with four_taps:
+    ours = forward_case(28, 28, 1)
+    jax.block_until_ready(ours())
+    with mock.patch.object(sampling, "_taps", float_compare_taps):
+      alternative = forward_case(28, 28, 1)
+      jax.block_until_ready(alternative())
+  yield "forward 256x28x28x1, four taps: int taps, one unsigned compare vs float, two", ours, \
+      alternative
 
-  ours = mse_case(60, 60, 1)
-  with mock.patch.object(sampling, "_sample", masked_values_sample):
-    alternative = mse_case(60, 60, 1)
-    jax.block_until_ready(alternative())
-  yield "MSE of samples 256x60x60x1: last tap by select vs masked values", ours, alternative
+  with four_taps:
+    ours = mse_case(60, 60, 1)
+    jax.block_until_ready(ours())
+    with mock.patch.object(sampling, "_sample", masked_values_sample):
+      alternative = mse_case(60, 60, 1)
+      jax.block_until_ready(alternative())
+  yield "MSE of samples 256x60x60x1, four taps: last tap by select vs masked values", ours, \
+      alternative
 
   no_boundary = mock.patch.object(_fusion, "own_loop_on_cpu", lambda x: x)
 
@@ -245,15 +260,35 @@ def rows():
     alternative_step()
   yield "STN tutorial training step: fusion boundaries vs none", ours_step, alternative_step
 
+  for size in (28, 42):
+    ours = forward_case(size, size, 1)
+    with four_taps:
+      alternative = forward_case(size, size, 1)
+      jax.block_until_ready(alternative())
+    yield f"forward 256x{size}x{size}x1: row pairs vs four taps", ours, alternative
+
+  # Only the pair table keeps its boundary (it is complex; the output is real).
+  fused_output = mock.patch.object(
+      _fusion, "own_loop_on_cpu",
+      lambda x, boundary=_fusion.own_loop_on_cpu: boundary(x) if x.dtype.kind == "c" else x)
+  ours = forward_case(28, 28, 1)
+  with fused_output:
+    alternative = forward_case(28, 28, 1)
+    jax.block_until_ready(alternative())
+  yield "forward 256x28x28x1, row pairs: flat output loop vs (N, H, W, 1) loop", ours, alternative
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--rows", default="", help="run only rows whose name contains this")
   args = parser.parse_args()
   load_before = os.getloadavg()[0]
   table = []
   for name, ours, alternative in rows():
+    if args.rows not in name:
+      continue
     first, second = [], []
     for _ in range(args.rounds):
       first.append(ms(ours, args.repeats))
