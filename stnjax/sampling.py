@@ -322,12 +322,13 @@ def _sample_row_pairs(image, coords, spec: _Spec):
   pairs, `pairs[y, j] = image[y, j - 1] + i * image[y, j]` for j in
   [0, W] (`image[y, -1] = image[y, W] = 0`). Two gathers per point instead
   of four, and the taps left or right of the image read exact zeros from the
-  table, so only whole pairs need masking (256 28x28 images, forward on one
-  core: 1.17x; see the README). Each row contributes
+  table, so only whole pairs need masking. Each row contributes
   `Re(pair * (wy * wx0 - i * wy * wx1)) = wy * (wx0 * left + wx1 * right)`:
   one complex multiply, so that each gather has a single consumer and XLA
   fuses it into the sampler's loop. The values equal `_sample`'s to float
-  round-off (the four products are summed in another order).
+  round-off (the four products are summed in another order). With the flat
+  output loop (`_interpolate`), 256 28x28 images: 1.46x faster than four
+  taps on two cores, 1.37x on one (scripts/bench_ablations.py rows 13-14).
 
   Args:
     image: `(N, H * W)`, float32 or float64 (the table is complex64/128).
@@ -560,8 +561,8 @@ def _interpolate(image, grid, spec: _Spec):
     # the reshape to (..., H_out, W_out, 1), the loop runs over that shape:
     # XLA:CPU vectorises W_out in 8-lane steps and computes the rest of each
     # row (4 of 28 points) as scalars, which cost more than the extra copy
-    # (256 28x28 images, forward on one core: 1.17x with row pairs, 1.37x
-    # with both; see the README).
+    # (256 28x28 images: 1.22x on two cores, 1.17x on one;
+    # scripts/bench_ablations.py row 14).
     return _fusion.own_loop_on_cpu(_sample_row_pairs(image, coords, cpu_spec))
 
   return jax.lax.platform_dependent(image, coords, cpu=cpu,
