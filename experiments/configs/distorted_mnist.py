@@ -24,13 +24,14 @@ Expected (see scripts/run.sh and docs/models.md for the measurements):
 * `preset=short`, `st_cnn_aff` on RTS (width-32 classifier, 123,448 parameters):
   2,000 steps of batch 64, Adam 1e-3 with cosine decay. On the 2-core shared
   CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh` on a
-  fresh clone (commit 672effa) measured 71 s wall in all (data loading,
-  ~51 steps/s data parallel on 2 CPU devices, 5 evals of 20k images,
-  figures; 92 s at 01635dc, 99 s at caf27a6) and a test error of 2.58%
-  (9742 / 10000), validation 2.40% (2.49% and 2.45% at 01635dc: float
+  fresh clone (commit 90b0ac6) measured 88 s wall in all (data loading,
+  ~37 steps/s data parallel on 2 CPU devices, 5 evals of 20k images,
+  figures; 71 s at 672effa on a quieter machine, 92 s at 01635dc, 99 s at
+  caf27a6) and a test error of 2.56% (9744 / 10000), validation 2.47%
+  (2.58% and 2.40% at 672effa, 2.49% and 2.45% at 01635dc: float
   round-off; on one device, at 2b70bc9: 111 s for the training alone,
-  ~30 steps/s, test 2.64%); the transformer learns to zoom in (mean scales
-  ~0.52 in x and ~0.54 in y) and to centre the digits.
+  ~30 steps/s, test 2.64%); the transformer learns to zoom in and to
+  centre the digits (README figures).
 * `preset=paper`: 150k steps of batch 256; the paper's test error for ST-CNN
   Aff on RTS is 0.5% (Table 1; REFERENCE.md). Far too slow for a CPU (hours
   per model); meant for a GPU.
