@@ -216,7 +216,11 @@ def test_sample_train_batch_composes_with_jit_and_raw_keys(pool):
   images = batch(pool, "rts")[0]
   raw_key = jax.random.key_data(jax.random.fold_in(jax.random.key(0), 0))  # uint32 (2,)
   inner = jax.jit(lambda k, p: data.sample_train_batch("RTS", k, *p, B))(raw_key, pool)
-  np.testing.assert_array_equal(np.asarray(inner[0]), images)
+  # The same batch up to float32 round-off: inside this program XLA fuses
+  # the warp parameters' arithmetic into the sampler's loop (measured: up to
+  # 5e-6 apart); other digits or parameters would differ by ~0.1 or more.
+  np.testing.assert_allclose(np.asarray(inner[0]), images, rtol=0, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(inner[1]), batch(pool, "rts")[1])
 
 
 def test_registry_is_complete_and_frozen():

@@ -509,7 +509,9 @@ def sample_train_batch(variant: "str | Variant", key: jax.Array, pool_images: ja
     variant: a `VARIANTS` name or a `Variant` (static).
     key: a PRNG key, e.g. `jax.random.fold_in(jax.random.key(seed), step)`
       (typed, or a raw uint32 `(2,)` key): the batch is a deterministic
-      function of it.
+      function of it (bitwise for one compiled program; called inside a
+      larger jitted function, XLA may fuse the float32 arithmetic
+      differently, so pixels can differ by round-off, about 1e-6).
     pool_images: uint8 `(N, 28, 28)` in [0, 255], e.g. the first 50k training
       digits (`load_mnist()["train"].images`), already on the device.
     pool_labels: integer `(N,)` in [0, 9].
