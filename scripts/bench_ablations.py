@@ -218,23 +218,23 @@ def rows():
   yield "STN tutorial training step: layers.max_pool vs nn.max_pool", ours_step, alternative_step
 
   four_taps = mock.patch.object(sampling, "_uses_row_pairs", lambda image, spec: False)
-  with four_taps:
-    ours = forward_case(28, 28, 1)
-    jax.block_until_ready(ours())
-    with mock.patch.object(sampling, "_taps", float_compare_taps):
-      alternative = forward_case(28, 28, 1)
-      jax.block_until_ready(alternative())
-  yield "forward 256x28x28x1, four taps: int taps, one unsigned compare vs float, two", ours, \
-      alternative
 
-  with four_taps:
-    ours = mse_case(60, 60, 1)
-    jax.block_until_ready(ours())
-    with mock.patch.object(sampling, "_sample", masked_values_sample):
-      alternative = mse_case(60, 60, 1)
-      jax.block_until_ready(alternative())
-  yield "MSE of samples 256x60x60x1, four taps: last tap by select vs masked values", ours, \
-      alternative
+  def on_four_taps(case, patch):
+    """`case()` traced on the four-tap path, as it is and under `patch`."""
+    with four_taps:
+      ours = case()
+      jax.block_until_ready(ours())
+      with patch:
+        alternative = case()
+        jax.block_until_ready(alternative())
+    return ours, alternative
+
+  yield ("forward 256x28x28x1, four taps: int taps, one unsigned compare vs float, two",
+         *on_four_taps(lambda: forward_case(28, 28, 1),
+                       mock.patch.object(sampling, "_taps", float_compare_taps)))
+  yield ("MSE of samples 256x60x60x1, four taps: last tap by select vs masked values",
+         *on_four_taps(lambda: mse_case(60, 60, 1),
+                       mock.patch.object(sampling, "_sample", masked_values_sample)))
 
   no_boundary = mock.patch.object(_fusion, "own_loop_on_cpu", lambda x: x)
 
