@@ -820,9 +820,9 @@ def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape)
 
 def test_row_pair_path_reads_no_pixel_outside_the_taps(x64):
   # Every pixel but a 2x2 block (rows 1-2, the last two columns) and the
-  # first column is inf. Points whose outer taps fall left of column 0 or
-  # right of the last column must not read the neighbouring rows' inf pixels
-  # that sit next to them in memory.
+  # first column is inf. Taps left of column 0 or right of the last column
+  # must read 0, not the neighbouring rows' pixels next to them in memory
+  # (inf for row 0's last pixel, finite for the others).
   height, width = 4, 5
   image = np.full((height, width, 1), np.inf)
   image[1:3, -2:, 0] = [[1.0, 2.0], [3.0, 4.0]]
