@@ -1,10 +1,13 @@
 """A fusion boundary for XLA:CPU, for values that fused loops would recompute or slow down.
 
 XLA:CPU fuses an elementwise producer into each of its consumers. Where the
-producer is large (dozens of taps) or its consumer reads it many times, the
-fused loops run far slower than the producer alone: stnjax marks two such
-values (`layers._conv2d`, `sampling._interpolate_bwd`; the README's training
-benchmark gives the numbers).
+producer is large (dozens of taps), its consumer reads it many times, or the
+consumer's loop shape is a poor one for it, the fused loops run far slower
+than the producer alone. stnjax marks four such values: the single-channel
+convolution (`layers._conv2d`), the sampler VJP's cotangent
+(`sampling._interpolate_bwd`), and the row-pair sampler's pair table and
+flat output (`sampling._sample_row_pairs`, `sampling._interpolate`); the
+README's training benchmark and scripts/bench_ablations.py give the numbers.
 """
 
 import jax

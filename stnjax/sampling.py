@@ -165,6 +165,11 @@ class _Tap(NamedTuple):
   slopes: tuple[jax.Array, ...]  # d weight / d coordinate, one per array axis.
 
 
+def _in_range(position: jax.Array, size: int) -> jax.Array:
+  """`0 <= position < size` for int32 positions, as one unsigned compare (negatives wrap)."""
+  return jax.lax.bitcast_convert_type(position, jnp.uint32) < size
+
+
 def _axis_taps(coord: jax.Array, size: int, spec: _Spec):
   """Taps along one array axis.
 
@@ -201,9 +206,7 @@ def _taps(coords: tuple[jax.Array, ...], spec: _Spec) -> list[_Tap]:
     valid, index = True, 0
     for a, t in enumerate(combo):
       position = per_axis[a][0][t]
-      # 0 <= position < size as one unsigned compare (negatives wrap to huge values).
-      inside = jax.lax.bitcast_convert_type(position, jnp.uint32) < spec.spatial[a]
-      valid = valid & inside
+      valid = valid & _in_range(position, spec.spatial[a])
       index = index + jnp.clip(position, 0, spec.spatial[a] - 1) * strides[a]
     weights = [per_axis[a][1][t] for a, t in enumerate(combo)]
     slopes = tuple(
@@ -349,21 +352,19 @@ def _sample_row_pairs(image, coords, spec: _Spec):
   top, left = jnp.floor(rows), jnp.floor(cols)
   first_row, first_col = top.astype(jnp.int32), left.astype(jnp.int32)
   # Pair j = x0 + 1 holds columns x0 and x0 + 1; x0 in [-1, W - 1] is some
-  # pair (one unsigned compare, as in `_taps`), any other x0 none.
+  # pair, any other x0 none.
   pair_col = first_col + 1
-  some_pair = jax.lax.bitcast_convert_type(pair_col, jnp.uint32) < width + 1
+  some_pair = _in_range(pair_col, width + 1)
   pair_col = jnp.clip(pair_col, 0, width)
   col_weights = (left + 1 - cols, cols - left)
   row_weights = (top + 1 - rows, rows - top)
-  example_start = 0
-  if n > 1:
-    examples = max(n, rows.shape[0])
-    example_start = (jnp.arange(examples, dtype=jnp.int32) * (height * (width + 1)))[:, None]
   out = 0.0
   for dy in (0, 1):
     row = first_row + dy
-    valid = (jax.lax.bitcast_convert_type(row, jnp.uint32) < height) & some_pair
-    index = example_start + jnp.clip(row, 0, height - 1) * (width + 1) + pair_col
+    valid = _in_range(row, height) & some_pair
+    index = jnp.clip(row, 0, height - 1) * (width + 1) + pair_col
+    if n > 1:  # Each example's pairs start at example * H * (W + 1).
+      index = _flat_index(index, height * (width + 1), 0, max(n, rows.shape[0]))
     pair = _gather_rows(pairs, index, flat=False)
     weight = jax.lax.complex(row_weights[dy] * col_weights[0], -(row_weights[dy] * col_weights[1]))
     out = out + jax.lax.real(jnp.where(valid, pair, 0) * weight)
