@@ -63,10 +63,11 @@ Implementation notes (measured on a 2-core CPU, see `scripts/bench_sampler.py`):
 * On CPU, single-channel 2-D bilinear sampling reads the two taps of each
   image row as one complex number from a table of adjacent-pixel pairs
   (`_sample_row_pairs`): two gathers per point instead of four.
-* On CPU the VJP runs over chunks of the batch (`lax.scan`): XLA:CPU
+* On CPU a large VJP runs over chunks of the batch (`lax.scan`): XLA:CPU
   materialises each tap's scatter updates, and fresh buffers of tens of MB
-  cost more in page faults than the arithmetic. Other platforms take the
-  whole batch at once (`lax.platform_dependent`).
+  cost more in page faults than the arithmetic (`_cpu_vjp_chunks` says
+  when). Other platforms take the whole batch at once
+  (`lax.platform_dependent`).
 """
 
 import functools
@@ -498,6 +499,27 @@ def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
 # piece vs in chunks: 32.5 vs 14.8 ms and 24.6 vs 9.3 ms in two runs).
 _CPU_CHUNK_ELEMENTS = 2**18
 
+# ...except a single-channel 2-D VJP whose temporaries in one piece stay within
+# this many bytes: it runs in one piece. XLA's temporary allocation
+# (`compiled.memory_analysis()`) for a single-channel image + grid VJP in one
+# piece is 15 words per point (60 bytes in float32, 104 in float64), and
+# glibc maps any block above 32 MiB afresh on every call. At 256x42x42x1, one
+# piece (25.8 MiB) is 1.17x to 1.24x faster than two chunks on two cores and
+# 0.95x to 0.97x on one, "grad theta" 1.33x (README, chunk size). Multi-
+# channel VJPs gain nothing from one piece at this size (0.76x to 0.99x at
+# 18 to 22 MiB), so they keep the element budget.
+_CPU_ONE_PIECE_BYTES = 28 * 2**20
+_ONE_PIECE_WORDS_PER_POINT = 15
+
+
+def _cpu_vjp_chunks(cotangent, spec: _Spec) -> int:
+  """How many batch chunks the CPU VJP for `cotangent (N, P[, C])` runs in."""
+  one_piece_bytes = cotangent.size * _ONE_PIECE_WORDS_PER_POINT * cotangent.dtype.itemsize
+  single_channel_2d = cotangent.ndim == 2 and len(spec.spatial) == 2
+  if single_channel_2d and one_piece_bytes <= _CPU_ONE_PIECE_BYTES:
+    return 1
+  return _num_chunks(cotangent.shape[0], math.prod(cotangent.shape[1:]))
+
 
 def _num_chunks(n: int, elements_per_example: int) -> int:
   """The fewest equal chunks of the n examples within the budget (1: don't chunk).
@@ -576,7 +598,7 @@ def _interpolate_fwd(image, grid, spec):
 
 def _interpolate_bwd(spec, residuals, cotangent):
   image, grid = residuals
-  num_chunks = _num_chunks(cotangent.shape[0], math.prod(cotangent.shape[1:]))
+  num_chunks = _cpu_vjp_chunks(cotangent, spec)
 
   def whole(image, grid, cotangent):
     return _grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))

@@ -907,6 +907,20 @@ def test_num_chunks(monkeypatch, n, per_example, budget, expected):
   assert stnjax.sampling._num_chunks(n, per_example) == expected
 
 
+@pytest.mark.parametrize("cotangent_shape,dtype,spatial,expected", [
+    ((256, 42 * 42), np.float32, (42, 42), 1),  # 25.8 MiB in one piece: within the limit.
+    ((256, 60 * 60), np.float32, (60, 60), 4),  # 52.7 MiB: the element budget, 4 chunks.
+    ((256, 42 * 42), np.float64, (42, 42), 2),  # Twice the bytes: 2 chunks.
+    ((256, 42 * 42, 3), np.float32, (42, 42), 8),  # Multi-channel: the element budget.
+    ((256, 8 * 8 * 8), np.float32, (8, 8, 8), 1),  # Volumes: the element budget (fits).
+    ((256, 12 * 12 * 12), np.float32, (12, 12, 12), 2),  # 3-D: the element budget, 2 chunks.
+])
+def test_cpu_vjp_chunks(cotangent_shape, dtype, spatial, expected):
+  spec = stnjax.sampling._Spec(spatial, "bilinear", "zeros", False)
+  cotangent = np.empty(cotangent_shape, dtype)
+  assert stnjax.sampling._cpu_vjp_chunks(cotangent, spec) == expected
+
+
 # ---------------------------------------------------------------------------
 # Transformations and batching.
 # ---------------------------------------------------------------------------
