@@ -170,7 +170,7 @@ def rows():
   yield "theta grad 256x28x28x32: one variadic reduce vs jnp.sum per tap", ours, alternative
 
   ours = sampler_case(60, 60, 1, (0, 1))
-  with mock.patch.object(sampling, "_CPU_CHUNK_ELEMENTS", 2**40):
+  with mock.patch.object(sampling, "_CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS", 2**40):
     alternative = sampler_case(60, 60, 1, (0, 1))
     jax.block_until_ready(alternative())
   yield "image+theta grad 256x60x60x1: chunked VJP vs one piece", ours, alternative

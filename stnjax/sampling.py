@@ -499,34 +499,40 @@ def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
 # piece vs in chunks: 32.5 vs 14.8 ms and 24.6 vs 9.3 ms in two runs).
 _CPU_CHUNK_ELEMENTS = 2**18
 
-# ...except a single-channel 2-D VJP whose temporaries in one piece stay within
-# this many bytes: it runs in one piece. XLA's temporary allocation
-# (`compiled.memory_analysis()`) for a single-channel image + grid VJP in one
-# piece is 15 words per point (60 bytes in float32, 104 in float64), and
-# glibc maps any block above 32 MiB afresh on every call. At 256x42x42x1, one
-# piece (25.8 MiB) is 1.17x to 1.24x faster than two chunks on two cores and
-# 0.95x to 0.97x on one, "grad theta" 1.33x (README, chunk size). Multi-
-# channel VJPs gain nothing from one piece at this size (0.76x to 0.99x at
-# 18 to 22 MiB), so they keep the element budget.
+# Single-channel 2-D VJPs (the STN on an input image) get their own rule:
+# - One piece while their temporaries would stay within this many bytes.
+#   XLA's temporary allocation (`compiled.memory_analysis()`) for the image +
+#   grid VJP in one piece is 15 words per point (60 bytes in float32, 104 in
+#   float64), and glibc maps blocks above 32 MiB afresh on every call. At
+#   256x42x42x1 one piece (25.8 MiB) is 1.17x to 1.24x faster than two
+#   chunks on two cores ("grad theta" 1.17x to 1.33x), 0.92x to 1.00x on one.
+# - Above that, smaller chunks: at 256x60x60x1, 8 chunks instead of 4 are
+#   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
+# Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 18
+# to 22 MiB; half the element budget 0.95x to 1.01x), so they keep the
+# element budget. The README (chunk size) has the measurements.
 _CPU_ONE_PIECE_BYTES = 28 * 2**20
 _ONE_PIECE_WORDS_PER_POINT = 15
+_CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS = 2**17
 
 
 def _cpu_vjp_chunks(cotangent, spec: _Spec) -> int:
   """How many batch chunks the CPU VJP for `cotangent (N, P[, C])` runs in."""
+  n, elements_per_example = cotangent.shape[0], math.prod(cotangent.shape[1:])
+  if cotangent.ndim > 2 or len(spec.spatial) != 2:
+    return _num_chunks(n, elements_per_example, _CPU_CHUNK_ELEMENTS)
   one_piece_bytes = cotangent.size * _ONE_PIECE_WORDS_PER_POINT * cotangent.dtype.itemsize
-  single_channel_2d = cotangent.ndim == 2 and len(spec.spatial) == 2
-  if single_channel_2d and one_piece_bytes <= _CPU_ONE_PIECE_BYTES:
+  if one_piece_bytes <= _CPU_ONE_PIECE_BYTES:
     return 1
-  return _num_chunks(cotangent.shape[0], math.prod(cotangent.shape[1:]))
+  return _num_chunks(n, elements_per_example, _CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS)
 
 
-def _num_chunks(n: int, elements_per_example: int) -> int:
-  """The fewest equal chunks of the n examples within the budget (1: don't chunk).
+def _num_chunks(n: int, elements_per_example: int, budget: int) -> int:
+  """The fewest equal chunks of the n examples within `budget` elements (1: don't chunk).
 
   Examples larger than the budget get one chunk each.
   """
-  needed = -(-n * elements_per_example // _CPU_CHUNK_ELEMENTS)
+  needed = -(-n * elements_per_example // budget)
   if needed <= 1:
     return 1
   if needed >= n:

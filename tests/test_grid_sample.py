@@ -730,7 +730,8 @@ def test_chunked_vjp_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mo
     monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 100)
   else:
     monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 200)
-  assert stnjax.sampling._num_chunks(6, math.prod(out_spatial) * channels) == 3
+  assert stnjax.sampling._num_chunks(6, math.prod(out_spatial) * channels,
+                                     stnjax.sampling._CPU_CHUNK_ELEMENTS) == 3
   (out, d_image, d_grid), (ref_out, ref_d_image, ref_d_grid) = stnjax_and_torch_with_sharing(
       image, grid, cot, shared, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
   np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
@@ -747,10 +748,27 @@ def test_chunked_vjp_with_examples_larger_than_the_budget(x64, rng, monkeypatch)
   image, grid, cot = random_case(rng, ((3,), (5, 6), (4, 7), 3))
   whole = stnjax_grid_sample(image, grid, cot)
   monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 50)
-  assert stnjax.sampling._num_chunks(3, 84) == 3
+  assert stnjax.sampling._num_chunks(3, 84, 50) == 3
   for a, b in zip(stnjax_grid_sample(image, grid, cot), whole):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
   assert np.abs(whole[1]).max() > 0.1 and np.abs(whole[2]).max() > 0.1
+
+
+@pytest.mark.parametrize("shared", ("none", "grid", "image"))
+def test_chunked_single_channel_vjp_matches_torch(x64, rng, monkeypatch, shared):
+  # Single-channel 2-D VJPs have their own budgets (sampling._cpu_vjp_chunks):
+  # 6 examples of 4 x 7 points, at most 60 points per chunk: 3 chunks of 2.
+  image, grid, cot = random_case(rng, ((6,), (5, 6), (4, 7), 1))
+  monkeypatch.setattr(stnjax.sampling, "_CPU_ONE_PIECE_BYTES", 0)
+  monkeypatch.setattr(stnjax.sampling, "_CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS", 60)
+  spec = stnjax.sampling._Spec((5, 6), "bilinear", "zeros", False)
+  assert stnjax.sampling._cpu_vjp_chunks(np.empty((6, 28)), spec) == 3
+  (out, d_image, d_grid), (ref_out, ref_d_image, ref_d_grid) = stnjax_and_torch_with_sharing(
+      image, grid, cot, shared, mode="bilinear", padding_mode="zeros", align_corners=False)
+  np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(d_image, ref_d_image, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(d_grid, ref_d_grid, rtol=0, atol=1e-10)
+  assert np.abs(ref_d_image).max() > 0.1 and np.abs(ref_d_grid).max() > 0.1
 
 
 # Accelerators gather and scatter with the batch as a batching dimension; CPU
@@ -902,15 +920,14 @@ def test_chunked_vjp_second_order_matches_unchunked(x64, rng, monkeypatch):
     (2, 300 * 300 * 3, 2**18, 2),  # Each example exceeds the budget: one chunk each.
     (5, 300, 250, 5),  # Needs 6 > 5 examples.
 ])
-def test_num_chunks(monkeypatch, n, per_example, budget, expected):
-  monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", budget)
-  assert stnjax.sampling._num_chunks(n, per_example) == expected
+def test_num_chunks(n, per_example, budget, expected):
+  assert stnjax.sampling._num_chunks(n, per_example, budget) == expected
 
 
 @pytest.mark.parametrize("cotangent_shape,dtype,spatial,expected", [
     ((256, 42 * 42), np.float32, (42, 42), 1),  # 25.8 MiB in one piece: within the limit.
-    ((256, 60 * 60), np.float32, (60, 60), 4),  # 52.7 MiB: the element budget, 4 chunks.
-    ((256, 42 * 42), np.float64, (42, 42), 2),  # Twice the bytes: 2 chunks.
+    ((256, 60 * 60), np.float32, (60, 60), 8),  # 52.7 MiB: chunks of <= 2**17 elements.
+    ((256, 42 * 42), np.float64, (42, 42), 4),  # Twice the bytes: chunks of <= 2**17.
     ((256, 42 * 42, 3), np.float32, (42, 42), 8),  # Multi-channel: the element budget.
     ((256, 8 * 8 * 8), np.float32, (8, 8, 8), 1),  # Volumes: the element budget (fits).
     ((256, 12 * 12 * 12), np.float32, (12, 12, 12), 2),  # 3-D: the element budget, 2 chunks.
