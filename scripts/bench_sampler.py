@@ -10,8 +10,12 @@ align_corners=False), three workloads:
 JAX functions are jit-compiled and synchronised with block_until_ready.
 Each (implementation, workload) is timed in --rounds rounds of --repeats runs
 (after --warmup runs), the rounds of all implementations interleaved so that
-a noisy machine slows them alike; the reported time is the median over all
-rounds' runs. The ratio column is torch_time / stnjax_time (> 1: stnjax is
+a noisy machine slows them alike; the reported time is the median of the
+round medians. Round r runs the implementations in the r-th of their orders
+(all permutations, in turn; 6 rounds cover them), so that no implementation
+always follows the same one: torch's OpenMP threads keep spinning for 5 to
+20 ms after its last call on this project's 2-core VM, and in a fixed order
+that slowed whichever came next (see the README). The ratio column is torch_time / stnjax_time (> 1: stnjax is
 faster). Prints a Markdown table and, with --out, writes it with the raw
 numbers (per-round medians and the load average) as JSON.
 
@@ -19,6 +23,7 @@ numbers (per-round medians and the load average) as JSON.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -113,7 +118,8 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=30, help="timed runs per round")
-  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+  parser.add_argument("--rounds", type=int, default=6,
+                      help="interleaved rounds (6: every order of the three libraries once)")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional).")
   args = parser.parse_args()
 
@@ -134,9 +140,10 @@ def main():
     except ImportError:
       pass
     rounds = {(impl, name): [] for impl in runners for name in WORKLOADS}
-    for _ in range(args.rounds):
-      for impl, per_workload in runners.items():
-        for name, fn in per_workload.items():
+    orders = list(itertools.permutations(runners))
+    for r in range(args.rounds):
+      for impl in orders[r % len(orders)]:
+        for name, fn in runners[impl].items():
           rounds[impl, name].append(median_ms(fn, args.warmup, args.repeats))
     for name in WORKLOADS:
       ms = {impl: statistics.median(rounds[impl, name]) if rounds.get((impl, name)) else
@@ -147,6 +154,7 @@ def main():
           "map_coordinates_ms": ms["map_coordinates"],
           "ratio_torch_over_stnjax": ms["torch"] / ms["stnjax"],
           "round_medians_ms": {impl: rounds[impl, name] for impl in runners},
+          "round_orders": [orders[r % len(orders)] for r in range(args.rounds)],
       })
       print(f"# {rows[-1]['shape']} {name}: stnjax {ms['stnjax']:.2f} ms, torch "
             f"{ms['torch']:.2f} ms, map_coordinates {ms['map_coordinates']:.2f} ms", flush=True)
