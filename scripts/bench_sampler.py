@@ -13,11 +13,12 @@ Each (implementation, workload) is timed in --rounds rounds of --repeats runs
 a noisy machine slows them alike; the reported time is the median of the
 round medians. Round r runs the implementations in the r-th of their orders
 (all permutations, in turn; 6 rounds cover them), so that no implementation
-always follows the same one: torch's OpenMP threads keep spinning for 5 to
-20 ms after its last call on this project's 2-core VM, and in a fixed order
-that slowed whichever came next (see the README). The ratio column is torch_time / stnjax_time (> 1: stnjax is
-faster). Prints a Markdown table and, with --out, writes it with the raw
-numbers (per-round medians and the load average) as JSON.
+always follows the same one (on this project's 2-core VM torch's OpenMP
+threads keep spinning for 5 to 20 ms after its last call, and whatever runs
+next is often slower; see the README). The ratio column is torch_time /
+stnjax_time (> 1: stnjax is faster). Prints a Markdown table and, with
+--out, writes it with the raw numbers (per-round medians, the rounds'
+orders and the load average) as JSON.
 
   python scripts/bench_sampler.py [--out results/bench_sampler_cpu.json]
 """

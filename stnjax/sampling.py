@@ -499,7 +499,7 @@ def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
 # piece vs in chunks: 32.5 vs 14.8 ms and 24.6 vs 9.3 ms in two runs).
 _CPU_CHUNK_ELEMENTS = 2**18
 
-# Single-channel 2-D VJPs (the STN on an input image) get their own rule:
+# Single-channel 2-D VJPs (e.g. an STN on its input image) get their own rule:
 # - One piece while their temporaries would stay within this many bytes.
 #   XLA's temporary allocation (`compiled.memory_analysis()`) for the image +
 #   grid VJP in one piece is 15 words per point (60 bytes in float32, 104 in
@@ -508,7 +508,7 @@ _CPU_CHUNK_ELEMENTS = 2**18
 #   chunks on two cores ("grad theta" 1.17x to 1.33x), 0.92x to 1.00x on one.
 # - Above that, smaller chunks: at 256x60x60x1, 8 chunks instead of 4 are
 #   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
-# Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 18
+# Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 14
 # to 22 MiB; half the element budget 0.95x to 1.01x), so they keep the
 # element budget. The README (chunk size) has the measurements.
 _CPU_ONE_PIECE_BYTES = 28 * 2**20
