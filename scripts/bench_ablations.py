@@ -42,8 +42,12 @@ and synchronised:
     with one complex gather per image row (`sampling._sample_row_pairs`)
     vs the four-tap path.
 14. flat output loop: the same forward with the row-pair sampler in a loop
-    over its flat `(N, H * W)` output, then copied to `(N, H, W, 1)`, vs
-    fused into that copy (a loop over `(N, H, W, 1)`).
+    over its flat output, then reshaped to `(N, H, W, 1)`, vs fused into
+    that reshape (a loop over `(N, H, W, 1)`).
+15. 1-D output loop: the same forward at 256x28x28x1 (and 42x42, 60x60)
+    with that loop over one flat vector (`sampling._own_loop_1d`), whose
+    reshape is a bitcast, vs over `(N, H * W)`, which XLA:CPU follows with
+    a copy to `(N, H, W, 1)`.
 
 --rows SUBSTRING runs only the rows whose name contains it.
 """
@@ -276,6 +280,13 @@ def rows():
     alternative = forward_case(28, 28, 1)
     jax.block_until_ready(alternative())
   yield "forward 256x28x28x1, row pairs: flat output loop vs (N, H, W, 1) loop", ours, alternative
+
+  for size in (28, 42, 60):
+    ours = forward_case(size, size, 1)
+    with mock.patch.object(sampling, "_own_loop_1d", _fusion.own_loop_on_cpu):
+      alternative = forward_case(size, size, 1)
+      jax.block_until_ready(alternative())
+    yield f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs (N, H * W) loop", ours, alternative
 
 
 def main():

@@ -6,7 +6,7 @@ consumer's loop shape is a poor one for it, the fused loops run far slower
 than the producer alone. stnjax marks four such values: the single-channel
 convolution (`layers._conv2d`), the sampler VJP's cotangent
 (`sampling._interpolate_bwd`), and the row-pair sampler's pair table and
-flat output (`sampling._sample_row_pairs`, `sampling._interpolate`); the
+flat output (`sampling._sample_row_pairs`, `sampling._own_loop_1d`); the
 README's training benchmark and scripts/bench_ablations.py give the numbers.
 """
 

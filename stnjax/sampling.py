@@ -571,6 +571,18 @@ def _grid_vjp_chunked(image, grid, cotangent, spec: _Spec, num_chunks: int):
   return image_bar, grid_bar
 
 
+def _own_loop_1d(x: jax.Array) -> jax.Array:
+  """`_fusion.own_loop_on_cpu(x)`, with the loop over `x` as one flat vector.
+
+  A loop over `(N, P)` is followed by a copy: XLA:CPU lays out its reshape
+  to `(N, H, W, 1)` with the size-1 channel axis major (`{2,1,0,3}`) and
+  copies it to the result's layout. From a 1-D loop the reshape is a
+  bitcast (256x28x28x1 forward: 1.11x on one core; scripts/bench_ablations.py
+  row 15).
+  """
+  return _fusion.own_loop_on_cpu(x.reshape(-1)).reshape(x.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _interpolate(image, grid, spec: _Spec):
   """Samples `image (N, prod(spatial)[, C])` at normalised grid planes.
@@ -586,13 +598,12 @@ def _interpolate(image, grid, spec: _Spec):
   def cpu(image, coords):
     if not _uses_row_pairs(image, cpu_spec):
       return _sample(image, coords, cpu_spec)
-    # Written from a loop of its own over the flat (N, P) output. Fused into
-    # the reshape to (..., H_out, W_out, 1), the loop runs over that shape:
+    # Written from a loop of its own over the flat output. Fused into the
+    # reshape to (..., H_out, W_out, 1), the loop runs over that shape:
     # XLA:CPU vectorises W_out in 8-lane steps and computes the rest of each
-    # row (4 of 28 points) as scalars, which cost more than the extra copy
-    # (256 28x28 images: 1.22x on two cores, 1.17x on one;
-    # scripts/bench_ablations.py row 14).
-    return _fusion.own_loop_on_cpu(_sample_row_pairs(image, coords, cpu_spec))
+    # row (4 of 28 points) as scalars (256 28x28 images: 1.22x on two cores,
+    # 1.17x on one; scripts/bench_ablations.py row 14).
+    return _own_loop_1d(_sample_row_pairs(image, coords, cpu_spec))
 
   return jax.lax.platform_dependent(image, coords, cpu=cpu,
                                     default=functools.partial(_sample, spec=spec))

@@ -821,6 +821,18 @@ def test_row_pair_path_matches_torch(x64, rng, padding_mode, align_corners, shar
   assert np.abs(ref[0]).max() > 0.1
 
 
+def test_row_pair_output_is_not_copied(rng):
+  # The row-pair loop writes one flat vector, whose reshape to (N, H, W, 1) is
+  # a bitcast (sampling._own_loop_1d). From an (N, H * W) loop XLA:CPU lays
+  # that reshape out with the channel axis major and copies it to the result.
+  image = rng.normal(size=(3, 6, 7, 1)).astype(np.float32)
+  grid = rng.uniform(-1, 1, size=(3, 5, 8, 2)).astype(np.float32)
+  assert uses_row_pairs(image, grid)
+  hlo = jax.jit(lambda i, g: stnjax.grid_sample(i, g)).lower(image, grid).compile().as_text()
+  entry = hlo.split("\nENTRY")[1]
+  assert re.search(r"copy\S* = ", entry) is None, entry
+
+
 @pytest.mark.parametrize("shape,out_shape", [((2, 5, 6, 1), (4, 7)), ((1, 9, 4, 1), (11, 3)),
                                              ((3, 1, 8, 1), (2, 5))])
 def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape):
