@@ -159,31 +159,35 @@ def multiply_add_planes(matrix, points):
   return out
 
 
+def as_is_and_patched(case, patch):
+  """`(ours, alternative)`: `case()` traced as it is and under `patch` (both traced here)."""
+  ours = case()
+  jax.block_until_ready(ours())
+  with patch:
+    alternative = case()
+    jax.block_until_ready(alternative())
+  return ours, alternative
+
+
 def rows():
-  """(name, ours, alternative): zero-argument callables, traced on first call."""
+  """(name, ours, alternative): zero-argument callables."""
   x = jnp.ones((256 * 784, 32))
   four_new = jax.jit(lambda x: (x * 2, x * 3, x * 4, x * 5))
   read_only = jax.jit(jnp.sum)
   yield "fresh memory: write 4 new 25 MB arrays vs read 25 MB", lambda: four_new(x), \
       lambda: read_only(x)
 
-  ours = sampler_case(28, 28, 32, 1)
-  with mock.patch.object(sampling, "_sum_channels", per_tap_sums):
-    alternative = sampler_case(28, 28, 32, 1)
-    jax.block_until_ready(alternative())  # Trace while patched.
-  yield "theta grad 256x28x28x32: one variadic reduce vs jnp.sum per tap", ours, alternative
+  yield ("theta grad 256x28x28x32: one variadic reduce vs jnp.sum per tap",
+         *as_is_and_patched(lambda: sampler_case(28, 28, 32, 1),
+                            mock.patch.object(sampling, "_sum_channels", per_tap_sums)))
 
-  ours = sampler_case(60, 60, 1, (0, 1))
-  with mock.patch.object(sampling, "_CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS", 2**40):
-    alternative = sampler_case(60, 60, 1, (0, 1))
-    jax.block_until_ready(alternative())
-  yield "image+theta grad 256x60x60x1: chunked VJP vs one piece", ours, alternative
+  yield ("image+theta grad 256x60x60x1: chunked VJP vs one piece",
+         *as_is_and_patched(lambda: sampler_case(60, 60, 1, (0, 1)), mock.patch.object(
+             sampling, "_CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS", 2**40)))
 
-  ours = sampler_case(28, 28, 1, (0, 1))
-  with mock.patch.object(sampling, "_CPU_FLAT_BATCH", False):
-    alternative = sampler_case(28, 28, 1, (0, 1))
-    jax.block_until_ready(alternative())
-  yield "image+theta grad 256x28x28x1: flat vs batched gather/scatter", ours, alternative
+  yield ("image+theta grad 256x28x28x1: flat vs batched gather/scatter",
+         *as_is_and_patched(lambda: sampler_case(28, 28, 1, (0, 1)),
+                            mock.patch.object(sampling, "_CPU_FLAT_BATCH", False)))
 
   theta = jnp.asarray(np.random.default_rng(0).normal(size=(256, 2, 3)), jnp.float32)
   plane_cotangent = jnp.ones((256, 60, 60, 2))
@@ -226,12 +230,7 @@ def rows():
   def on_four_taps(case, patch):
     """`case()` traced on the four-tap path, as it is and under `patch`."""
     with four_taps:
-      ours = case()
-      jax.block_until_ready(ours())
-      with patch:
-        alternative = case()
-        jax.block_until_ready(alternative())
-    return ours, alternative
+      return as_is_and_patched(case, patch)
 
   yield ("forward 256x28x28x1, four taps: int taps, one unsigned compare vs float, two",
          *on_four_taps(lambda: forward_case(28, 28, 1),
@@ -265,28 +264,20 @@ def rows():
   yield "STN tutorial training step: fusion boundaries vs none", ours_step, alternative_step
 
   for size in (28, 42):
-    ours = forward_case(size, size, 1)
-    with four_taps:
-      alternative = forward_case(size, size, 1)
-      jax.block_until_ready(alternative())
-    yield f"forward 256x{size}x{size}x1: row pairs vs four taps", ours, alternative
+    yield (f"forward 256x{size}x{size}x1: row pairs vs four taps",
+           *as_is_and_patched(lambda: forward_case(size, size, 1), four_taps))
 
   # Only the pair table keeps its boundary (it is complex; the output is real).
   fused_output = mock.patch.object(
       _fusion, "own_loop_on_cpu",
       lambda x, boundary=_fusion.own_loop_on_cpu: boundary(x) if x.dtype.kind == "c" else x)
-  ours = forward_case(28, 28, 1)
-  with fused_output:
-    alternative = forward_case(28, 28, 1)
-    jax.block_until_ready(alternative())
-  yield "forward 256x28x28x1, row pairs: flat output loop vs (N, H, W, 1) loop", ours, alternative
+  yield ("forward 256x28x28x1, row pairs: flat output loop vs (N, H, W, 1) loop",
+         *as_is_and_patched(lambda: forward_case(28, 28, 1), fused_output))
 
   for size in (28, 42, 60):
-    ours = forward_case(size, size, 1)
-    with mock.patch.object(sampling, "_own_loop_1d", _fusion.own_loop_on_cpu):
-      alternative = forward_case(size, size, 1)
-      jax.block_until_ready(alternative())
-    yield f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs (N, H * W) loop", ours, alternative
+    yield (f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs (N, H * W) loop",
+           *as_is_and_patched(lambda: forward_case(size, size, 1),
+                              mock.patch.object(sampling, "_own_loop_1d", _fusion.own_loop_on_cpu)))
 
 
 def main():

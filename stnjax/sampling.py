@@ -330,9 +330,10 @@ def _sample_row_pairs(image, coords, spec: _Spec):
   `Re(pair * (wy * wx0 - i * wy * wx1)) = wy * (wx0 * left + wx1 * right)`:
   one complex multiply, so that each gather has a single consumer and XLA
   fuses it into the sampler's loop. The values equal `_sample`'s to float
-  round-off (the four products are summed in another order). With the flat
-  output loop (`_interpolate`), 256 28x28 images: 1.46x faster than four
-  taps on two cores, 1.37x on one (scripts/bench_ablations.py rows 13-14).
+  round-off (the four products are summed in another order). With a flat
+  output loop (then over `(N, P)`; now `_own_loop_1d`), 256 28x28 images:
+  1.46x faster than four taps on two cores, 1.37x on one
+  (scripts/bench_ablations.py rows 13-14).
 
   Args:
     image: `(N, H * W)`, float32 or float64 (the table is complex64/128).
@@ -503,8 +504,9 @@ _CPU_CHUNK_ELEMENTS = 2**18
 # - One piece while their temporaries would stay within this many bytes.
 #   XLA's temporary allocation (`compiled.memory_analysis()`) for the image +
 #   grid VJP in one piece is 15 words per point (60 bytes in float32, 104 in
-#   float64), and glibc maps blocks above 32 MiB afresh on every call. At
-#   256x42x42x1 one piece (25.8 MiB) is 1.17x to 1.24x faster than two
+#   float64); larger pieces were slower through allocator page faults (not
+#   with glibc's mmap and trim thresholds raised), 60x60 in one piece (52.7
+#   MiB) 2.4x (scripts/bench_ablations.py row 3). At 256x42x42x1 one piece (25.8 MiB) is 1.17x to 1.24x faster than two
 #   chunks on two cores ("grad theta" 1.17x to 1.33x), 0.92x to 1.00x on one.
 # - Above that, smaller chunks: at 256x60x60x1, 8 chunks instead of 4 are
 #   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
