@@ -848,6 +848,31 @@ def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape)
   assert float(jnp.abs(pairs).max()) > 0.1
 
 
+@pytest.mark.parametrize("shared", ("none", "grid", "image"))
+def test_row_pair_table_border(rng, monkeypatch, shared):
+  # The pair table's zero border: top rows and left pairs are clipped to
+  # [-2, H] and [-2, W]. Sample every combination of positions around those
+  # bounds and the image's edges, for a batch whose examples lie next to each
+  # other in the flat table, and compare with the four-tap path (which masks
+  # each tap). Pixels are in [1, 2], so any tap read in the wrong place shows.
+  height, width = 4, 5
+  images = rng.uniform(1, 2, size=(3, height, width, 1)).astype(np.float32)
+  cols = np.array([-40, -3.5, -2.5, -1.75, -1.25, -0.5, 0.0, width - 1.5, width - 1.0,
+                   width - 0.75, width - 0.25, width + 0.5, width + 1.5, width + 40])
+  rows = np.array([-40, -3.5, -2.5, -1.75, -1.25, -0.5, 0.0, height - 1.5, height - 1.0,
+                   height - 0.75, height - 0.25, height + 0.5, height + 1.5, height + 40])
+  grid = pixel_grid(*np.meshgrid(cols, rows), width, height, False).astype(np.float32)
+  grids = np.stack([grid, grid[::-1], grid[:, ::-1]])
+  image, grid = {"none": (images, grids), "grid": (images, grid),
+                 "image": (images[0], grids)}[shared]
+  assert uses_row_pairs(image, grid)
+  pairs = np.asarray(jax.jit(stnjax.grid_sample)(image, grid))
+  monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
+  assert not uses_row_pairs(image, grid)
+  np.testing.assert_allclose(pairs, jax.jit(stnjax.grid_sample)(image, grid), rtol=0, atol=1e-6)
+  assert (pairs == 0).mean() > 0.5 and pairs.max() > 1  # Mostly outside; some inside.
+
+
 def test_row_pair_path_reads_no_pixel_outside_the_taps(x64):
   # Every pixel but a 2x2 block (rows 1-2, the last two columns) and the
   # first column is inf. Taps left of column 0 or right of the last column
