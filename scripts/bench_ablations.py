@@ -48,6 +48,10 @@ and synchronised:
     with that loop over one flat vector (`sampling._own_loop_1d`), whose
     reshape is a bitcast, vs over `(N, H * W)`, which XLA:CPU follows with
     a copy to `(N, H, W, 1)`.
+16. zero-bordered pair table: the same forward at 256x28x28x1 (and 42x42,
+    60x60) with the table's zero border and clipped positions
+    (`sampling._sample_row_pairs`) vs pairs inside the image rows only and
+    a select per row (`masked_row_pairs`, the previous code).
 
 --rows SUBSTRING runs only the rows whose name contains it.
 """
@@ -132,6 +136,34 @@ def masked_values_sample(image, coords, spec):
     values = sampling._gather_rows(image, tap.index, spec.flat_batch)
     valid, weight = sampling._per_point(tap.valid, values), sampling._per_point(tap.weight, values)
     out = out + weight * jnp.where(valid, values, 0)
+  return out
+
+
+def masked_row_pairs(image, coords, spec):
+  """`sampling._sample_row_pairs` as it was: pairs x0 in [-1, W - 1] only, a select per row."""
+  (height, width), n = spec.spatial, image.shape[0]
+  rows, cols = coords
+  pixels = image.reshape(n, height, width)
+  pairs = jax.lax.complex(jnp.pad(pixels, ((0, 0), (0, 0), (1, 0))),
+                          jnp.pad(pixels, ((0, 0), (0, 0), (0, 1))))
+  pairs = _fusion.own_loop_on_cpu(pairs).reshape(1, -1)
+  top, left = jnp.floor(rows), jnp.floor(cols)
+  first_row, first_col = top.astype(jnp.int32), left.astype(jnp.int32)
+  pair_col = first_col + 1
+  some_pair = sampling._in_range(pair_col, width + 1)
+  pair_col = jnp.clip(pair_col, 0, width)
+  col_weights = (left + 1 - cols, cols - left)
+  row_weights = (top + 1 - rows, rows - top)
+  out = 0.0
+  for dy in (0, 1):
+    row = first_row + dy
+    valid = sampling._in_range(row, height) & some_pair
+    index = jnp.clip(row, 0, height - 1) * (width + 1) + pair_col
+    if n > 1:
+      index = sampling._flat_index(index, height * (width + 1), 0, max(n, rows.shape[0]))
+    pair = sampling._gather_rows(pairs, index, flat=False)
+    weight = jax.lax.complex(row_weights[dy] * col_weights[0], -(row_weights[dy] * col_weights[1]))
+    out = out + jax.lax.real(jnp.where(valid, pair, 0) * weight)
   return out
 
 
@@ -278,6 +310,11 @@ def rows():
     yield (f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs (N, H * W) loop",
            *as_is_and_patched(lambda: forward_case(size, size, 1),
                               mock.patch.object(sampling, "_own_loop_1d", _fusion.own_loop_on_cpu)))
+
+  for size in (28, 42, 60):
+    yield (f"forward 256x{size}x{size}x1, row pairs: zero-bordered table vs masked rows",
+           *as_is_and_patched(lambda: forward_case(size, size, 1),
+                              mock.patch.object(sampling, "_sample_row_pairs", masked_row_pairs)))
 
 
 def main():
