@@ -337,7 +337,8 @@ def _sample_row_pairs(image, coords, spec: _Spec):
   So no value needs a mask, and the second row's pair is the first's plus
   one table row. Against the previous table (pairs x0 in [-1, W - 1] only,
   and a select per row on the rows' and pair's bounds), 256 28x28 images:
-  1.11x faster on two cores and on one (scripts/bench_ablations.py row 16).
+  1.14x and 1.15x faster pinned to one core, 1.03x on two cores, where the
+  loop is no longer most of the time (scripts/bench_ablations.py row 16).
   Against four taps, 1.46x on two cores, 1.37x on one (row 13, measured with
   the previous table and a flat output loop over `(N, P)`).
 
