@@ -62,7 +62,8 @@ Implementation notes (measured on a 2-core CPU, see `scripts/bench_sampler.py`):
   `(points, channels)` is kept from the forward pass.
 * On CPU, single-channel 2-D bilinear sampling reads the two taps of each
   image row as one complex number from a table of adjacent-pixel pairs
-  (`_sample_row_pairs`): two gathers per point instead of four.
+  with a border of zeros (`_sample_row_pairs`): two gathers per point
+  instead of four, and no masks.
 * On CPU a large VJP runs over chunks of the batch (`lax.scan`): XLA:CPU
   materialises each tap's scatter updates, and fresh buffers of tens of MB
   cost more in page faults than the arithmetic (`_cpu_vjp_chunks` says
