@@ -13,9 +13,10 @@ Each (implementation, workload) is timed in --rounds rounds of --repeats runs
 a noisy machine slows them alike; the reported time is the median of the
 round medians. Round r runs the implementations in the r-th of their orders
 (all permutations, in turn; 6 rounds cover them), so that no implementation
-always follows the same one (on this project's 2-core VM torch's OpenMP
-threads keep spinning for 5 to 20 ms after its last call, and whatever runs
-next is often slower; see the README). The ratio column is torch_time /
+always follows the same one (on this project's 2-core VM a block that runs
+while another program's threads still hold a CPU is slower, stnjax's far
+more than torch's: XLA:CPU splits each loop into two fixed halves; see the
+README). The ratio column is torch_time /
 stnjax_time (> 1: stnjax is faster). Prints a Markdown table and, with
 --out, writes it with the raw numbers (per-round medians, the rounds'
 orders and the load average) as JSON.
