@@ -19,7 +19,16 @@ more than torch's: XLA:CPU splits each loop into two fixed halves; see the
 README). The ratio column is torch_time /
 stnjax_time (> 1: stnjax is faster). Prints a Markdown table and, with
 --out, writes it with the raw numbers (per-round medians, the rounds'
-orders and the load average) as JSON.
+orders, the load average and GLIBC_TUNABLES) as JSON.
+
+The script restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, the
+setting `scripts/run.sh` gives the main job, unless GLIBC_TUNABLES is set
+(`GLIBC_TUNABLES= python scripts/bench_sampler.py` keeps glibc's defaults).
+With glibc's defaults, whether a call's output (25.7 MB for 256x28x28x32)
+lands in memory glibc already has or in freshly mapped 4 KiB pages depends
+on what the process allocated before: on this project's VM some rounds of
+the 256x28x28x32 forward took 9 to 10 ms instead of 2.5 to 3 ms, with
+about 6,000 minor page faults per call (see the README).
 
   python scripts/bench_sampler.py [--out results/bench_sampler_cpu.json]
 """
@@ -161,8 +170,9 @@ def main():
       print(f"# {rows[-1]['shape']} {name}: stnjax {ms['stnjax']:.2f} ms, torch "
             f"{ms['torch']:.2f} ms, map_coordinates {ms['map_coordinates']:.2f} ms", flush=True)
 
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
   machine = (f"{device.device_kind} ({device.platform}), {platform.processor() or platform.machine()}, "
-             f"jax {jax.__version__}, {torch_info}")
+             f"jax {jax.__version__}, {torch_info}, GLIBC_TUNABLES={tunables!r}")
   load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
   print(f"\nMachine: {machine}; {load}\n")
   print("| input (NxHxWxC) | workload | stnjax ms | torch ms | map_coordinates ms | torch / stnjax |")
@@ -172,9 +182,10 @@ def main():
           f"{r['map_coordinates_ms']:.2f} | {r['ratio_torch_over_stnjax']:.2f} |")
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"machine": machine, "load": load, "batch": args.batch, "rounds": args.rounds,
-                 "repeats": args.repeats, "rows": rows}, f, indent=1)
+      json.dump({"machine": machine, "load": load, "glibc_tunables": tunables, "batch": args.batch,
+                 "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
+  timing.restart_with_glibc_tunables()
   main()

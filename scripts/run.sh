@@ -30,8 +30,9 @@ fi
 # same results); the paper-size step at batch 256 (row 5 of
 # scripts/bench_train.py) ran at 2.22 and 2.06 vs 1.97 and 1.93 steps/s, with
 # about 2,700 instead of 51,000 page faults per step. Needs glibc >= 2.35
-# (older ones and other C libraries ignore it). Set GLIBC_TUNABLES to override.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
+# (older ones and other C libraries ignore it). Set GLIBC_TUNABLES to override
+# (empty: glibc's defaults).
+export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
 start=$(date +%s)
 .venv/bin/python experiments/train.py \
   --config "experiments/configs/distorted_mnist.py:model=st_cnn_aff,data=RTS,preset=short" \
