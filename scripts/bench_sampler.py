@@ -13,11 +13,11 @@ Each (implementation, workload) is timed in --rounds rounds of --repeats runs
 a noisy machine slows them alike; the reported time is the median of the
 round medians. Round r runs the implementations in the r-th of their orders
 (all permutations, in turn; 6 rounds cover them), so that no implementation
-always follows the same one (on this project's 2-core VM a block that runs
-while another program's threads still hold a CPU is slower, stnjax's far
-more than torch's: XLA:CPU splits each loop into two fixed halves; see the
-README). The ratio column is torch_time /
-stnjax_time (> 1: stnjax is faster). Prints a Markdown table and, with
+always follows the same one (on this project's 2-core VM stnjax's 28x28
+forward runs at one of two speeds, 0.33 to 0.46 or 0.50 to 0.65 ms, and
+its slow blocks mostly follow other work, torch's or other XLA programs';
+one pinned core is immune; see the README). The ratio column is
+torch_time / stnjax_time (> 1: stnjax is faster). Prints a Markdown table and, with
 --out, writes it with the raw numbers (per-round medians, the rounds'
 orders, the load average and GLIBC_TUNABLES) as JSON.
 
