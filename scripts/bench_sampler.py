@@ -17,9 +17,9 @@ always follows the same one (on this project's 2-core VM stnjax's 28x28
 forward runs at one of two speeds, 0.33 to 0.46 or 0.50 to 0.65 ms, and
 its slow blocks mostly follow other work, torch's or other XLA programs';
 one pinned core is immune; see the README). The ratio column is
-torch_time / stnjax_time (> 1: stnjax is faster). Prints a Markdown table and, with
---out, writes it with the raw numbers (per-round medians, the rounds'
-orders, the load average and GLIBC_TUNABLES) as JSON.
+torch_time / stnjax_time (> 1: stnjax is faster). Prints a Markdown table
+and, with --out, writes it with the raw numbers (per-round medians, the
+rounds' orders, the load average and GLIBC_TUNABLES) as JSON.
 
 The script restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, the
 setting `scripts/run.sh` gives the main job, unless GLIBC_TUNABLES is set
