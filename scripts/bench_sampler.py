@@ -30,7 +30,10 @@ on what the process allocated before: on this project's VM some rounds of
 the 256x28x28x32 forward took 9 to 10 ms instead of 2.5 to 3 ms, with
 about 6,000 minor page faults per call (see the README).
 
-  python scripts/bench_sampler.py [--out results/bench_sampler_cpu.json]
+--pin-xla-threads pins XLA:CPU's worker threads one per CPU first, a
+diagnostic for the two speeds above (see `timing.pin_xla_worker_threads`).
+
+  python scripts/bench_sampler.py [--out results/bench_sampler_cpu.json] [--pin-xla-threads]
 """
 
 import argparse
@@ -132,10 +135,17 @@ def main():
   parser.add_argument("--rounds", type=int, default=6,
                       help="interleaved rounds (6: every order of the three libraries once)")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional).")
+  parser.add_argument("--pin-xla-threads", action="store_true",
+                      help="diagnostic: pin XLA:CPU's worker threads one per CPU "
+                           "(timing.pin_xla_worker_threads; torch's threads are left as they are)")
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
   device = jax.devices()[0]
+  pinned = {}
+  if args.pin_xla_threads:
+    jax.block_until_ready(jnp.zeros(8) + 1)  # Starts the CPU client's thread pool.
+    pinned = timing.pin_xla_worker_threads()
   load_before = os.getloadavg()
   rows, torch_info = [], "torch not installed"
   for h, w, c in SHAPES:
@@ -172,7 +182,8 @@ def main():
 
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   machine = (f"{device.device_kind} ({device.platform}), {platform.processor() or platform.machine()}, "
-             f"jax {jax.__version__}, {torch_info}, GLIBC_TUNABLES={tunables!r}")
+             f"jax {jax.__version__}, {torch_info}, GLIBC_TUNABLES={tunables!r}"
+             + (f", XLA worker threads pinned to CPUs {sorted(pinned.values())}" if pinned else ""))
   load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
   print(f"\nMachine: {machine}; {load}\n")
   print("| input (NxHxWxC) | workload | stnjax ms | torch ms | map_coordinates ms | torch / stnjax |")
@@ -182,7 +193,8 @@ def main():
           f"{r['map_coordinates_ms']:.2f} | {r['ratio_torch_over_stnjax']:.2f} |")
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"machine": machine, "load": load, "glibc_tunables": tunables, "batch": args.batch,
+      json.dump({"machine": machine, "load": load, "glibc_tunables": tunables,
+                 "pinned_xla_threads": len(pinned), "batch": args.batch,
                  "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, f, indent=1)
 
 

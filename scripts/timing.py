@@ -45,3 +45,37 @@ def restart_with_glibc_tunables(tunables: str = GLIBC_TUNABLES) -> None:
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable, *sys.argv],
             dict(os.environ, GLIBC_TUNABLES=tunables))
+
+
+def pin_xla_worker_threads() -> dict[int, int]:
+  """Pins each of XLA:CPU's intra-op worker threads in this process to a CPU of its own.
+
+  A diagnostic for small machines (Linux only; `--pin-xla-threads` in
+  scripts/bench_sampler.py). On this project's 2-vCPU VM the scheduler
+  sometimes stacks XLA's two worker threads (`tf_XLAEigen`) on one vCPU,
+  where their spin-waiting delays each other: the README's 28x28 forward
+  then takes 0.50 to 0.65 ms instead of 0.33 to 0.46. Round robin over the
+  CPUs this process may use; call it after JAX has run a computation (the
+  pool starts with the CPU client).
+
+  Returns:
+    `{thread id: CPU}` for the threads pinned (empty where there are none,
+    or on systems without `/proc/self/task` and `os.sched_setaffinity`).
+  """
+  tasks = "/proc/self/task"
+  if not (os.path.isdir(tasks) and hasattr(os, "sched_setaffinity")):
+    return {}
+  cpus = sorted(os.sched_getaffinity(0))
+  workers = []
+  for tid in sorted(os.listdir(tasks), key=int):
+    try:
+      with open(f"{tasks}/{tid}/comm") as f:
+        if f.read().startswith("tf_XLAEigen"):
+          workers.append(int(tid))
+    except FileNotFoundError:  # The thread ended meanwhile.
+      pass
+  pinned = {}
+  for i, tid in enumerate(workers):
+    os.sched_setaffinity(tid, {cpus[i % len(cpus)]})
+    pinned[tid] = cpus[i % len(cpus)]
+  return pinned

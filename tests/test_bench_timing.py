@@ -53,3 +53,27 @@ def test_restart_keeps_a_set_value_even_empty(monkeypatch, execve_calls, value):
   timing.restart_with_glibc_tunables()
   assert execve_calls == []
   assert os.environ["GLIBC_TUNABLES"] == value
+
+
+@pytest.mark.skipif(not (hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")),
+                    reason="needs Linux's per-thread CPU affinity")
+def test_pin_xla_worker_threads_gives_each_worker_one_cpu():
+  import jax
+  import jax.numpy as jnp
+
+  jax.block_until_ready(jnp.zeros(8) + 1)  # The CPU client's pool exists from here on.
+  allowed = os.sched_getaffinity(0)
+  try:
+    pinned = timing.pin_xla_worker_threads()
+    assert pinned, "no tf_XLAEigen threads found"
+    cpus = sorted(allowed)
+    for i, (tid, cpu) in enumerate(sorted(pinned.items())):
+      assert cpu == cpus[i % len(cpus)]
+      assert os.sched_getaffinity(tid) == {cpu}
+    assert os.sched_getaffinity(0) == allowed  # The calling thread is left alone.
+  finally:
+    for tid in os.listdir("/proc/self/task"):
+      try:
+        os.sched_setaffinity(int(tid), allowed)
+      except OSError:  # The thread ended meanwhile.
+        pass
