@@ -508,8 +508,9 @@ _CPU_CHUNK_ELEMENTS = 2**18
 #   grid VJP in one piece is 15 words per point (60 bytes in float32, 104 in
 #   float64); larger pieces were slower through allocator page faults (not
 #   with glibc's mmap and trim thresholds raised), 60x60 in one piece (52.7
-#   MiB) 2.4x (scripts/bench_ablations.py row 3). At 256x42x42x1 one piece (25.8 MiB) is 1.17x to 1.24x faster than two
-#   chunks on two cores ("grad theta" 1.17x to 1.33x), 0.92x to 1.00x on one.
+#   MiB) 2.4x (scripts/bench_ablations.py row 3). At 256x42x42x1 one piece
+#   (25.8 MiB) is 1.17x to 1.24x faster than two chunks on two cores ("grad
+#   theta" 1.17x to 1.33x), 0.92x to 1.00x on one.
 # - Above that, smaller chunks: at 256x60x60x1, 8 chunks instead of 4 are
 #   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
 # Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 14
