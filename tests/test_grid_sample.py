@@ -799,6 +799,47 @@ def test_batched_gather_form_second_order_matches_flat(x64, rng, monkeypatch):
   assert float(jnp.abs(flat[1]).max()) > 0.1
 
 
+# No accelerator here: lowering for one with `jax.export` needs no device. The
+# GPU and TPU programs must take the batched-gather form (the batch as the
+# gathers' and scatters' batching dimension) and none of the CPU-only code:
+# fusion boundaries (`optimization_barrier`), complex row pairs, flat indices.
+# The CPU lowering of the same functions is the contrast: the checks tell the
+# two forms apart.
+@pytest.mark.parametrize("shape", ((4, 28, 28, 1), (4, 9, 11, 3), (2, 5, 6, 7, 2)),
+                         ids=("2d-1ch", "2d-3ch", "3d-2ch"))
+def test_accelerator_lowering_is_the_batched_gather_form(shape):
+  ndim = len(shape) - 2
+  image = jax.ShapeDtypeStruct(shape, jnp.float32)
+  theta = jax.ShapeDtypeStruct((shape[0], ndim, ndim + 1), jnp.float32)
+
+  def sample(image, theta):
+    return stnjax.grid_sample(image, stnjax.affine_grid(theta, shape[1:-1]))
+
+  def loss(image, theta, cotangent):
+    return jnp.vdot(sample(image, theta), cotangent)
+
+  def lowered(fn, args, platform):
+    return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+
+  batched = ("operand_batching_dims = [0]", "input_batching_dims = [0]")
+  for fn, args in ((sample, (image, theta)),
+                   (jax.grad(loss, argnums=(0, 1)), (image, theta, image))):
+    for platform in ("cuda", "rocm", "tpu", "cpu"):
+      module = lowered(fn, args, platform)
+      indexing = re.findall(r'"stablehlo\.(?:gather|scatter)".*?dimension_numbers = ([^>]*>)',
+                            module)
+      assert indexing, platform
+      is_batched = [any(b in numbers for b in batched) for numbers in indexing]
+      if platform == "cpu":
+        assert not any(is_batched)
+        # Boundaries: the VJP's cotangent; the 2-D single-channel row pairs.
+        if fn is not sample or shape[-1] == 1:
+          assert "optimization_barrier" in module
+      else:
+        assert all(is_batched), (platform, indexing)
+        assert "optimization_barrier" not in module and "complex" not in module, platform
+
+
 # On CPU, single-channel 2-D bilinear sampling reads each image row's two taps
 # as one complex pair (sampling._sample_row_pairs); the VJP is the generic one.
 def uses_row_pairs(image, grid, **kwargs):
