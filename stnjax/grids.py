@@ -79,9 +79,8 @@ def _apply_matrix(matrix: jax.Array, points: jax.Array) -> list[jax.Array]:
   scripts/bench_ablations.py, and a batched einsum a slow batched matmul.
   One GEMM for all rows (`matrix @ points.T`, rows sliced out after) made
   the 256x28x28x1 affine warp (grid + sample) 1.75x slower pinned to one
-  core (0.68-0.69 against 0.39 ms) and about 1.3x slower on two (0.92x to
-  1.67x per round; one-off,
-  2026-11-21).
+  core (0.68-0.69 against 0.39 ms) and about 1.3x slower on two (0.92x
+  to 1.67x per round; one-off, 2026-11-21).
   """
   return [jnp.dot(matrix[i], points.T, precision=jax.lax.Precision.HIGHEST)
           for i in range(matrix.shape[0])]
