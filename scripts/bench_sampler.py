@@ -16,7 +16,7 @@ round medians. Round r runs the implementations in the r-th of their orders
 always follows the same one (on this project's 2-core VM stnjax's 28x28
 forward runs at one of two speeds, 0.33 to 0.46 or 0.50 to 0.65 ms; the
 slow blocks mostly follow other work, torch's or other XLA programs', and
-in them Linux has put XLA's two worker threads on one vCPU; a process
+in them Linux has mostly put XLA's two worker threads on one vCPU; a process
 pinned to one core is immune; see the README). The ratio column is
 torch_time / stnjax_time (> 1: stnjax is faster). Prints a Markdown table
 and, with --out, writes it with the raw numbers (per-round medians, the

@@ -74,8 +74,7 @@ def pin_xla_worker_threads() -> dict[int, int]:
           workers.append(int(tid))
     except FileNotFoundError:  # The thread ended meanwhile.
       pass
-  pinned = {}
-  for i, tid in enumerate(workers):
-    os.sched_setaffinity(tid, {cpus[i % len(cpus)]})
-    pinned[tid] = cpus[i % len(cpus)]
+  pinned = {tid: cpus[i % len(cpus)] for i, tid in enumerate(workers)}
+  for tid, cpu in pinned.items():
+    os.sched_setaffinity(tid, {cpu})
   return pinned

@@ -818,14 +818,11 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
   def loss(image, theta, cotangent):
     return jnp.vdot(sample(image, theta), cotangent)
 
-  def lowered(fn, args, platform):
-    return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
-
   batched = ("operand_batching_dims = [0]", "input_batching_dims = [0]")
   for fn, args in ((sample, (image, theta)),
                    (jax.grad(loss, argnums=(0, 1)), (image, theta, image))):
     for platform in ("cuda", "rocm", "tpu", "cpu"):
-      module = lowered(fn, args, platform)
+      module = jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
       indexing = re.findall(r'"stablehlo\.(?:gather|scatter)".*?dimension_numbers = ([^>]*>)',
                             module)
       assert indexing, platform
@@ -848,13 +845,22 @@ def uses_row_pairs(image, grid, **kwargs):
   return re.search(r"c(64|128)\[[0-9,]*\]\{[0-9,]*\} gather\(", hlo.as_text()) is not None
 
 
-def freshly_jitted_sample(image, grid, **kwargs):
+def freshly_jitted_sample(image, grid):
   """`grid_sample` jitted as a new function, so traced now.
 
   jit caches traces by function: after a monkeypatch,
   `jax.jit(stnjax.grid_sample)` would reuse a trace made before it.
   """
-  return np.asarray(jax.jit(lambda i, g: stnjax.grid_sample(i, g, **kwargs))(image, grid))
+  return np.asarray(jax.jit(lambda i, g: stnjax.grid_sample(i, g))(image, grid))
+
+
+def row_pairs_and_four_taps(image, grid, monkeypatch):
+  """`grid_sample(image, grid)` on the row-pair path, then with it switched off (four taps)."""
+  assert uses_row_pairs(image, grid)
+  pairs = freshly_jitted_sample(image, grid)
+  monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
+  assert not uses_row_pairs(image, grid)
+  return pairs, freshly_jitted_sample(image, grid)
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)
@@ -890,11 +896,7 @@ def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape)
   theta = jnp.asarray(np.eye(2, 3) + 0.4 * rng.normal(size=(shape[0], 2, 3)), jnp.float32)
   grid = np.array(stnjax.affine_grid(theta, out_shape))
   grid[0, 0, :3] = [[np.inf, 0.0], [0.0, -np.inf], [np.nan, 0.5]]  # NaN is -1.
-  assert uses_row_pairs(image, grid)
-  pairs = freshly_jitted_sample(image, grid)
-  monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
-  assert not uses_row_pairs(image, grid)
-  four_taps = freshly_jitted_sample(image, grid)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch)
   np.testing.assert_allclose(pairs, four_taps, rtol=0, atol=1e-6)
   assert not np.array_equal(pairs, four_taps)  # Really two programs (sums in another order).
   assert float(np.abs(pairs).max()) > 0.1
@@ -917,11 +919,8 @@ def test_row_pair_table_border(rng, monkeypatch, shared):
   grids = np.stack([grid, grid[::-1], grid[:, ::-1]])
   image, grid = {"none": (images, grids), "grid": (images, grid),
                  "image": (images[0], grids)}[shared]
-  assert uses_row_pairs(image, grid)
-  pairs = freshly_jitted_sample(image, grid)
-  monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
-  assert not uses_row_pairs(image, grid)
-  np.testing.assert_allclose(pairs, freshly_jitted_sample(image, grid), rtol=0, atol=1e-6)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch)
+  np.testing.assert_allclose(pairs, four_taps, rtol=0, atol=1e-6)
   assert (pairs == 0).mean() > 0.5 and pairs.max() > 1  # Mostly outside; some inside.
 
 
