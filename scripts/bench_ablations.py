@@ -1,4 +1,4 @@
-"""Ablations behind the README's performance notes: each design choice vs its alternative.
+"""Ablations behind docs/performance.md: each design choice vs its alternative.
 
   python scripts/bench_ablations.py [--rounds 3] [--repeats 20]
 

@@ -17,7 +17,7 @@ always follows the same one (on this project's 2-core VM stnjax's 28x28
 forward runs at one of two speeds, 0.33 to 0.46 or 0.50 to 0.65 ms; the
 slow blocks mostly follow other work, torch's or other XLA programs', and
 in them Linux has mostly put XLA's two worker threads on one vCPU; a process
-pinned to one core is immune; see the README). The ratio column is
+pinned to one core is immune; see docs/performance.md). The ratio column is
 torch_time / stnjax_time (> 1: stnjax is faster). Prints a Markdown table
 and, with --out, writes it with the raw numbers (per-round medians, the
 rounds' orders, the load average and GLIBC_TUNABLES) as JSON.
@@ -29,7 +29,7 @@ With glibc's defaults, whether a call's output (25.7 MB for 256x28x28x32)
 lands in memory glibc already has or in freshly mapped 4 KiB pages depends
 on what the process allocated before: on this project's VM some rounds of
 the 256x28x28x32 forward took 9 to 10 ms instead of 2.5 to 3 ms, with
-about 6,000 minor page faults per call (see the README).
+about 6,000 minor page faults per call (see docs/performance.md).
 
 --pin-xla-threads pins XLA:CPU's worker threads one per CPU first, a
 diagnostic for the two speeds above (see `timing.pin_xla_worker_threads`).

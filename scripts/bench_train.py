@@ -37,7 +37,8 @@ Prints a Markdown table with the ratio stnjax / torch and the device.
 Row 5 also reports its minor page faults per step: XLA:CPU allocates each
 call's temporaries afresh. On Linux with glibc >= 2.35,
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (which `scripts/run.sh` sets) backs
-them with transparent huge pages; the README gives row 5 with and without it.
+them with transparent huge pages; docs/performance.md gives row 5 with and
+without it.
 """
 
 import argparse

@@ -28,7 +28,7 @@ def median_seconds(fn: Callable[[int], object], *, warmup: int = 0, repeats: int
 # its large (mmap'd) blocks with transparent huge pages. XLA:CPU allocates
 # each call's buffers afresh, and whether glibc hands back memory it already
 # has or maps fresh 4 KiB pages depends on what the process allocated before
-# (see the README's sampler benchmark).
+# (see docs/performance.md, the sampler benchmark).
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
@@ -53,7 +53,7 @@ def pin_xla_worker_threads() -> dict[int, int]:
   A diagnostic for small machines (Linux only; `--pin-xla-threads` in
   scripts/bench_sampler.py). On this project's 2-vCPU VM the scheduler
   sometimes stacks XLA's two worker threads (`tf_XLAEigen`) on one vCPU,
-  where their spin-waiting delays each other: the README's 28x28 forward
+  where their spin-waiting delays each other: the benchmark's 28x28 forward
   then takes 0.50 to 0.65 ms instead of 0.33 to 0.46. Round robin over the
   CPUs this process may use; call it after JAX has run a computation (the
   pool starts with the CPU client).

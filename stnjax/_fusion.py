@@ -7,7 +7,8 @@ than the producer alone. stnjax marks four such values: the single-channel
 convolution (`layers._conv2d`), the sampler VJP's cotangent
 (`sampling._interpolate_bwd`), and the row-pair sampler's pair table and
 flat output (`sampling._sample_row_pairs`, `sampling._own_loop_1d`); the
-README's training benchmark and scripts/bench_ablations.py give the numbers.
+training benchmark in docs/performance.md and scripts/bench_ablations.py
+give the numbers.
 """
 
 import jax

@@ -515,7 +515,7 @@ _CPU_CHUNK_ELEMENTS = 2**18
 #   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
 # Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 14
 # to 22 MiB; half the element budget 0.95x to 1.01x), so they keep the
-# element budget. The README (chunk size) has the measurements.
+# element budget. docs/performance.md (chunk size) has the measurements.
 _CPU_ONE_PIECE_BYTES = 28 * 2**20
 _ONE_PIECE_WORDS_PER_POINT = 15
 _CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS = 2**17
@@ -628,7 +628,7 @@ def _interpolate_bwd(spec, residuals, cotangent):
   def cpu(image, grid, cotangent):
     # Every tap reads the cotangent (twice for bilinear): computed once, in
     # a loop of its own, rather than fused into and recomputed by each tap
-    # (the STN tutorial's training step: 1.09x faster; see the README).
+    # (the STN tutorial's training step: 1.09x faster; see docs/performance.md).
     cotangent = _fusion.own_loop_on_cpu(cotangent)
     cpu_spec = spec._replace(flat_batch=_CPU_FLAT_BATCH)
     if num_chunks == 1:

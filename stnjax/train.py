@@ -189,7 +189,7 @@ def make_functions(model, optimizer, dataset, mesh, batch_size: int):
     over the whole batch. One operand rather than one per parameter:
     XLA:CPU's all-reduce runs one rendezvous of the device threads per
     operand (the STN tutorial's step on 2 CPU devices: 1.19x-1.27x torch's
-    speed vs 0.94x-1.04x, see the README's training benchmark).
+    speed vs 0.94x-1.04x, see docs/performance.md, the training benchmark).
     """
     # Per-device gradients: differentiating the replicated parameters
     # themselves would make JAX all-reduce each gradient separately.
