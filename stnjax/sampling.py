@@ -318,30 +318,82 @@ def _uses_row_pairs(image: jax.Array, spec: _Spec) -> bool:
           and image.ndim == 2 and image.dtype in (jnp.float32, jnp.float64))
 
 
+def _row_pair_table(image: jax.Array, spec: _Spec) -> jax.Array:
+  """The zero-bordered tables of horizontally adjacent pixel pairs, flat.
+
+  `pairs[b, y + 2, x0 + 2] = image[b, y, x0] + i * image[b, y, x0 + 1]` for
+  rows y in [-2, H + 1] and pairs x0 in [-2, W], pixels outside the image
+  being 0: `(N, H * W)` real -> `(N * (H + 4) * (W + 3),)` complex64/128.
+  Built in a loop of its own: fused into the gathers that read it, each read
+  of a pair would be two loads again.
+  """
+  (height, width), n = spec.spatial, image.shape[0]
+  pixels = image.reshape(n, height, width)
+  pad = lambda left, right: jnp.pad(pixels, ((0, 0), (2, 2), (left, right)))
+  return _fusion.own_loop_on_cpu(jax.lax.complex(pad(2, 1), pad(1, 2))).reshape(-1)
+
+
+def _row_pair_table_transpose(table_bar: jax.Array, spec: _Spec) -> jax.Array:
+  """The transpose of `_row_pair_table`: flat complex table cotangent -> `(N, H * W)` real.
+
+  Pixel `(y, x)` is the real part of pair `x0 = x` and the imaginary part of
+  pair `x0 = x - 1` (table columns x + 2 and x + 1); the border is dropped.
+  """
+  height, width = spec.spatial
+  table_bar = table_bar.reshape(-1, height + 4, width + 3)[:, 2:height + 2]
+  image_bar = jax.lax.real(table_bar[:, :, 2:width + 2]) + jax.lax.imag(table_bar[:, :, 1:width + 1])
+  return image_bar.reshape(table_bar.shape[0], height * width)
+
+
+class _RowPairTaps(NamedTuple):
+  """Where and how each output point reads the pair table: arrays of shape `(M, P)`."""
+  index: jax.Array  # int32 flat table index of the top row's pair; the bottom row's is + W + 3.
+  row_weights: tuple[jax.Array, jax.Array]  # Top and bottom row's weights.
+  col_weights: tuple[jax.Array, jax.Array]  # Left and right pixel's weights.
+
+
+def _row_pair_taps(coords, spec: _Spec, num_images: int, first=0,
+                   count: int | None = None) -> _RowPairTaps:
+  """The pair-table taps of pixel `coords` `(G, P)` (rows, columns) for examples `first + [0, M)`.
+
+  M = `count` if given, else max(G, `num_images`). The top row and the left
+  pair are clipped to y0 in [-2, H] and x0 in [-2, W]: a clipped row or pair
+  lies outside the image, and so does the one it is moved to, which reads
+  zeros. So no tap needs a mask, and the bottom row's pair is the top's
+  plus one table row.
+  """
+  height, width = spec.spatial
+  rows, cols = coords
+  top, left = jnp.floor(rows), jnp.floor(cols)
+  row_stride = width + 3
+  index = ((jnp.clip(top.astype(jnp.int32), -2, height) + 2) * row_stride
+           + jnp.clip(left.astype(jnp.int32), -2, width) + 2)
+  if num_images > 1:  # Example b's table starts at b * (H + 4) * (W + 3).
+    count = max(num_images, rows.shape[0]) if count is None else count
+    index = _flat_index(index, (height + 4) * row_stride, first, count)
+  return _RowPairTaps(index, (top + 1 - rows, rows - top), (left + 1 - cols, cols - left))
+
+
 def _sample_row_pairs(image, coords, spec: _Spec):
   """Bilinear sampling of single-channel images with one gather per image row.
 
   For XLA:CPU, which emits each gathered element as a scalar load: the two
   taps of a row, `(y, x0)` and `(y, x0 + 1)`, are adjacent pixels, so they
   are read as one complex number from a table of horizontally adjacent pixel
-  pairs, `pairs[y, x0] = image[y, x0] + i * image[y, x0 + 1]`. Two gathers
-  per point instead of four. Each row contributes
-  `Re(pair * (wy * wx0 - i * wy * wx1)) = wy * (wx0 * left + wx1 * right)`:
+  pairs (`_row_pair_table`). Two gathers per point instead of four. Each row
+  contributes `Re(pair * (wy * wx0 - i * wy * wx1)) = wy * (wx0 * left + wx1 * right)`:
   one complex multiply, so that each gather has a single consumer and XLA
   fuses it into the sampler's loop. The values equal `_sample`'s to float
   round-off (the four products are summed in another order).
 
-  The table has a border of zeros (pixels outside the image are 0): rows
-  y in [-2, H + 1] and pairs x0 in [-2, W]. The top row and the left pair
-  are clipped to y0 in [-2, H] and x0 in [-2, W]; a clipped row or pair lies
-  outside the image, and so does the one it is moved to, which reads zeros.
-  So no value needs a mask, and the second row's pair is the first's plus
-  one table row. Against the previous table (pairs x0 in [-1, W - 1] only,
-  and a select per row on the rows' and pair's bounds), 256 28x28 images:
-  1.14x and 1.15x faster pinned to one core, 1.03x on two cores, where the
-  loop is no longer most of the time (scripts/bench_ablations.py row 16).
-  Against four taps, 1.46x on two cores, 1.37x on one (row 13, measured with
-  the previous table and a flat output loop over `(N, P)`).
+  The table has a border of zeros (pixels outside the image are 0), so no
+  value needs a mask (`_row_pair_taps`). Against the previous table (pairs
+  x0 in [-1, W - 1] only, and a select per row on the rows' and pair's
+  bounds), 256 28x28 images: 1.14x and 1.15x faster pinned to one core,
+  1.03x on two cores, where the loop is no longer most of the time
+  (scripts/bench_ablations.py row 16). Against four taps, 1.46x on two
+  cores, 1.37x on one (row 13, measured with the previous table and a flat
+  output loop over `(N, P)`).
 
   Args:
     image: `(N, H * W)`, float32 or float64 (the table is complex64/128).
@@ -351,28 +403,61 @@ def _sample_row_pairs(image, coords, spec: _Spec):
   Returns:
     `(max(G, N), P)`.
   """
-  (height, width), n = spec.spatial, image.shape[0]
-  rows, cols = coords
-  pixels = image.reshape(n, height, width)
-  pad = lambda left, right: jnp.pad(pixels, ((0, 0), (2, 2), (left, right)))
-  pairs = jax.lax.complex(pad(2, 1), pad(1, 2))  # (N, H + 4, W + 3): [y + 2, x0 + 2].
-  # Built in a loop of its own: fused into the gathers, each read of a pair
-  # would be two loads again.
-  pairs = _fusion.own_loop_on_cpu(pairs).reshape(1, -1)  # One "image" of N * (H + 4) * (W + 3).
-  top, left = jnp.floor(rows), jnp.floor(cols)
-  row_stride = width + 3
-  index = ((jnp.clip(top.astype(jnp.int32), -2, height) + 2) * row_stride
-           + jnp.clip(left.astype(jnp.int32), -2, width) + 2)
-  if n > 1:  # Each example's table starts at example * (H + 4) * (W + 3).
-    index = _flat_index(index, (height + 4) * row_stride, 0, max(n, rows.shape[0]))
-  col_weights = (left + 1 - cols, cols - left)
-  row_weights = (top + 1 - rows, rows - top)
-  out = 0.0
-  for dy in (0, 1):
-    pair = _gather_rows(pairs, index + dy * row_stride, flat=False)
-    weight = jax.lax.complex(row_weights[dy] * col_weights[0], -(row_weights[dy] * col_weights[1]))
-    out = out + jax.lax.real(pair * weight)
+  pairs = _row_pair_table(image, spec).reshape(1, -1)  # One "image" holding every table.
+  taps = _row_pair_taps(coords, spec, image.shape[0])
+  (wx0, wx1), out = taps.col_weights, 0.0
+  for dy, wy in enumerate(taps.row_weights):
+    pair = _gather_rows(pairs, taps.index + dy * (spec.spatial[1] + 3), flat=False)
+    out = out + jax.lax.real(pair * jax.lax.complex(wy * wx0, -(wy * wx1)))
   return out
+
+
+def _sample_row_pairs_vjp(pairs, num_images, coords, cotangent, spec: _Spec, pairs_bar,
+                          first=0):
+  """The VJP of `_sample_row_pairs` for cotangent rows `first + [0, len(cotangent))`.
+
+  Args:
+    pairs: the flat pair tables, `_row_pair_table(image)`.
+    num_images: N, the number of images the tables hold.
+    coords: pixel-coordinate planes `(G, P)` (rows, columns): the rows for
+      these examples, or one shared row (G = 1).
+    cotangent: `(n, P)`, the output cotangent of these examples.
+    spec: as for `_sample_row_pairs`.
+    pairs_bar: the pair tables' cotangent so far (flat, complex); this
+      call's contribution is scatter-added to it. `_row_pair_table_transpose`
+      turns it into the image cotangent.
+    first: index of the first example (may be traced).
+
+  Returns:
+    `(pairs_bar, coords_bar)`, `coords_bar` shaped like `coords`.
+
+  Two complex gathers and two complex scatter-adds per point, against four
+  of each on the generic path (`_sample_vjp`). A row's pair `p = left + i *
+  right` contributes `wy * (wx0 * left + wx1 * right)` to the output, with
+  `wx0 = x0 + 1 - x`, `wx1 = x - x0` and `wy` likewise for the rows, so
+  d out / d column = `sum_rows wy * (right - left)`, d out / d row =
+  `wx0 * (left1 - left0) + wx1 * (right1 - right0)`, and each row's pair
+  gets the cotangent `g * wy * (wx0 + i * wx1)` (real part: the left
+  pixel's, imaginary part: the right's).
+  """
+  taps = _row_pair_taps(coords, spec, num_images, first, cotangent.shape[0])
+  (wx0, wx1), pairs = taps.col_weights, pairs.reshape(1, -1)
+  below = taps.index + spec.spatial[1] + 3
+  top_pair = _gather_rows(pairs, taps.index, flat=False)
+  bottom_pair = _gather_rows(pairs, below, flat=False)
+  step = bottom_pair - top_pair
+  rows_bar = cotangent * (wx0 * jax.lax.real(step) + wx1 * jax.lax.imag(step))
+  cols_bar = cotangent * sum(wy * (jax.lax.imag(p) - jax.lax.real(p))
+                             for wy, p in zip(taps.row_weights, (top_pair, bottom_pair)))
+  # A coordinate shared by several images gets the sum of their cotangents.
+  coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
+                     for bar, c in zip((rows_bar, cols_bar), coords))
+  pairs_bar = pairs_bar.reshape(1, -1)
+  for index, wy in zip((taps.index, below), taps.row_weights):
+    weighted = cotangent * wy
+    pairs_bar = _scatter_add_rows(pairs_bar, index, jax.lax.complex(weighted * wx0, weighted * wx1),
+                                  flat=False)
+  return pairs_bar.reshape(-1), coords_bar
 
 
 def _sample(image, coords, spec: _Spec):
@@ -482,14 +567,17 @@ def _pixel_coordinates(grid: tuple[jax.Array, ...], spec: _Spec, with_slopes: bo
   return (tuple(coords), tuple(slopes)) if with_slopes else tuple(coords)
 
 
-def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0):
-  """VJP of sampling `image (N, S[, C])` at grid planes `(G, P)`; cotangent rows `first + [0, n)`.
+def _grid_vjp(sample_vjp, grid, cotangent, spec: _Spec, image_bar, first=0):
+  """VJP of sampling at grid planes `(G, P)`; cotangent rows `first + [0, n)`.
 
-  Returns `image_bar` (with this call's contribution added) and the grid
-  cotangent planes, shaped like `grid`.
+  `sample_vjp(coords, cotangent, spec, image_bar, first)` is the VJP in
+  pixel coordinates: `_sample_vjp` with its image, or on the row-pair path
+  `_sample_row_pairs_vjp` with its tables (then `image_bar` is the tables'
+  cotangent). Returns `image_bar` (with this call's contribution added) and
+  the grid cotangent planes, shaped like `grid`.
   """
   coords, slopes = _pixel_coordinates(grid, spec, with_slopes=True)
-  image_bar, coords_bar = _sample_vjp(image, coords, cotangent, spec, image_bar, first)
+  image_bar, coords_bar = sample_vjp(coords, cotangent, spec, image_bar, first)
   ndim = len(spec.spatial)
   return image_bar, tuple(coords_bar[ndim - 1 - k] * slopes[ndim - 1 - k] for k in range(ndim))
 
@@ -546,12 +634,13 @@ def _num_chunks(n: int, elements_per_example: int, budget: int) -> int:
   return chunks if chunks <= 2 * needed else 1  # No good divisor: one piece.
 
 
-def _grid_vjp_chunked(image, grid, cotangent, spec: _Spec, num_chunks: int):
+def _grid_vjp_chunked(sample_vjp, image_bar, grid, cotangent, spec: _Spec, num_chunks: int):
   """`_grid_vjp` over `num_chunks` equal chunks of examples, in a `lax.scan`.
 
   CPU only, with flat indices (`spec.flat_batch`): every chunk scatter-adds
   into the one image cotangent carried through the loop (rows of chunk i
   start at example `i * chunk`), so no per-chunk buffer is stacked.
+  `image_bar` is its initial value (zeros).
   """
   n = cotangent.shape[0]
   chunk = n // num_chunks
@@ -560,7 +649,7 @@ def _grid_vjp_chunked(image, grid, cotangent, spec: _Spec, num_chunks: int):
   def body(carry, xs):
     image_bar, shared_grid_bar = carry
     first, part_grid, part_cotangent = xs
-    image_bar, part_bar = _grid_vjp(image, grid if part_grid is None else part_grid,
+    image_bar, part_bar = _grid_vjp(sample_vjp, grid if part_grid is None else part_grid,
                                     part_cotangent, spec, image_bar, first)
     if grid_batched:  # Per-example planes are stacked; a shared grid accumulates.
       return (image_bar, shared_grid_bar), part_bar
@@ -569,7 +658,7 @@ def _grid_vjp_chunked(image, grid, cotangent, spec: _Spec, num_chunks: int):
   xs = (jnp.arange(num_chunks, dtype=jnp.int32) * chunk,
         tuple(c.reshape(num_chunks, chunk, -1) for c in grid) if grid_batched else None,
         cotangent.reshape(num_chunks, chunk, *cotangent.shape[1:]))
-  init = (jnp.zeros_like(image), tuple(jnp.zeros_like(c) for c in grid))
+  init = (image_bar, tuple(jnp.zeros_like(c) for c in grid))
   (image_bar, grid_bar), stacked = jax.lax.scan(body, init, xs)
   if grid_batched:
     grid_bar = tuple(c.reshape(n, -1) for c in stacked)
@@ -623,7 +712,8 @@ def _interpolate_bwd(spec, residuals, cotangent):
   num_chunks = _cpu_vjp_chunks(cotangent, spec)
 
   def whole(image, grid, cotangent):
-    return _grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))
+    return _grid_vjp(functools.partial(_sample_vjp, image), grid, cotangent, spec,
+                     jnp.zeros_like(image))
 
   def cpu(image, grid, cotangent):
     # Every tap reads the cotangent (twice for bilinear): computed once, in
@@ -631,9 +721,20 @@ def _interpolate_bwd(spec, residuals, cotangent):
     # (the STN tutorial's training step: 1.09x faster; see docs/performance.md).
     cotangent = _fusion.own_loop_on_cpu(cotangent)
     cpu_spec = spec._replace(flat_batch=_CPU_FLAT_BATCH)
+    if _uses_row_pairs(image, cpu_spec):  # Into the pair tables' cotangent, then the image's.
+      pairs = _row_pair_table(image, cpu_spec)
+      sample_vjp = functools.partial(_sample_row_pairs_vjp, pairs, image.shape[0])
+      image_bar, finish = jnp.zeros_like(pairs), functools.partial(
+          _row_pair_table_transpose, spec=cpu_spec)
+    else:
+      sample_vjp = functools.partial(_sample_vjp, image)
+      image_bar, finish = jnp.zeros_like(image), lambda image_bar: image_bar
     if num_chunks == 1:
-      return _grid_vjp(image, grid, cotangent, cpu_spec, jnp.zeros_like(image))
-    return _grid_vjp_chunked(image, grid, cotangent, spec._replace(flat_batch=True), num_chunks)
+      image_bar, grid_bar = _grid_vjp(sample_vjp, grid, cotangent, cpu_spec, image_bar)
+    else:
+      image_bar, grid_bar = _grid_vjp_chunked(sample_vjp, image_bar, grid, cotangent,
+                                              spec._replace(flat_batch=True), num_chunks)
+    return finish(image_bar), grid_bar
 
   # Chunking and flat indices pay on CPU only; accelerators take the whole
   # batch at once, with batched gathers and scatters.

@@ -838,29 +838,31 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
 
 
 # On CPU, single-channel 2-D bilinear sampling reads each image row's two taps
-# as one complex pair (sampling._sample_row_pairs); the VJP is the generic one.
+# as one complex pair (sampling._sample_row_pairs), and its VJP scatter-adds
+# into the pairs' cotangent (sampling._sample_row_pairs_vjp).
 def uses_row_pairs(image, grid, **kwargs):
-  """Whether the compiled sampler gathers complex pairs (the row-pair path)."""
-  hlo = jax.jit(functools.partial(stnjax.grid_sample, **kwargs)).lower(image, grid).compile()
-  return re.search(r"c(64|128)\[[0-9,]*\]\{[0-9,]*\} gather\(", hlo.as_text()) is not None
+  """Whether the compiled sampler gathers complex pairs and its VJP scatters them."""
+  sample = functools.partial(stnjax.grid_sample, **kwargs)
+  forward = jax.jit(sample).lower(image, grid).compile().as_text()
+  loss = lambda image, grid: jnp.sum(sample(image, grid) ** 2)
+  backward = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(image, grid).compile().as_text()
+  complex_op = lambda op, hlo: re.search(rf"c(64|128)\[[0-9,]*\]\{{[0-9,]*\}} {op}\(", hlo)
+  in_forward, in_backward = complex_op("gather", forward), complex_op("scatter", backward)
+  assert bool(in_forward) == bool(in_backward), (in_forward, in_backward)
+  return in_forward is not None
 
 
-def freshly_jitted_sample(image, grid):
-  """`grid_sample` jitted as a new function, so traced now.
+def row_pairs_and_four_taps(image, grid, monkeypatch, cotangent):
+  """`(output, d_image, d_grid)` on the row-pair path, then with it switched off (four taps).
 
-  jit caches traces by function: after a monkeypatch,
-  `jax.jit(stnjax.grid_sample)` would reuse a trace made before it.
+  `stnjax_grid_sample(jit=True)` jits a new function on every call, so each
+  is traced after the monkeypatch before it.
   """
-  return np.asarray(jax.jit(lambda i, g: stnjax.grid_sample(i, g))(image, grid))
-
-
-def row_pairs_and_four_taps(image, grid, monkeypatch):
-  """`grid_sample(image, grid)` on the row-pair path, then with it switched off (four taps)."""
   assert uses_row_pairs(image, grid)
-  pairs = freshly_jitted_sample(image, grid)
+  pairs = stnjax_grid_sample(image, grid, cotangent, jit=True)
   monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
   assert not uses_row_pairs(image, grid)
-  return pairs, freshly_jitted_sample(image, grid)
+  return pairs, stnjax_grid_sample(image, grid, cotangent, jit=True)
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)
@@ -896,10 +898,12 @@ def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape)
   theta = jnp.asarray(np.eye(2, 3) + 0.4 * rng.normal(size=(shape[0], 2, 3)), jnp.float32)
   grid = np.array(stnjax.affine_grid(theta, out_shape))
   grid[0, 0, :3] = [[np.inf, 0.0], [0.0, -np.inf], [np.nan, 0.5]]  # NaN is -1.
-  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch)
-  np.testing.assert_allclose(pairs, four_taps, rtol=0, atol=1e-6)
-  assert not np.array_equal(pairs, four_taps)  # Really two programs (sums in another order).
-  assert float(np.abs(pairs).max()) > 0.1
+  cotangent = rng.normal(size=grid.shape[:-1] + (1,)).astype(np.float32)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch, cotangent)
+  for name, a, b in zip(("output", "d_image", "d_grid"), pairs, four_taps):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
+    assert not np.array_equal(a, b), name  # Really two programs (sums in another order).
+    assert float(np.abs(a).max()) > 0.1, name
 
 
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
@@ -919,9 +923,45 @@ def test_row_pair_table_border(rng, monkeypatch, shared):
   grids = np.stack([grid, grid[::-1], grid[:, ::-1]])
   image, grid = {"none": (images, grids), "grid": (images, grid),
                  "image": (images[0], grids)}[shared]
-  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch)
-  np.testing.assert_allclose(pairs, four_taps, rtol=0, atol=1e-6)
-  assert (pairs == 0).mean() > 0.5 and pairs.max() > 1  # Mostly outside; some inside.
+  cotangent = rng.uniform(1, 2, size=grids.shape[:-1] + (1,)).astype(np.float32)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch, cotangent)
+  for name, a, b in zip(("output", "d_image", "d_grid"), pairs, four_taps):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
+  out, d_image, d_grid = pairs
+  assert (out == 0).mean() > 0.5 and out.max() > 1  # Mostly outside; some inside.
+  corners = d_image.reshape(-1, height, width)[:, [0, -1]][:, :, [0, -1]]
+  assert (corners != 0).all()  # The corners' taps pass through the border.
+  assert (d_grid == 0).mean() > 0.3 and np.abs(d_grid).max() > 1
+
+
+@pytest.mark.parametrize("padding_mode,align_corners", (("zeros", False), ("reflection", True)))
+def test_row_pair_vjp_second_order(x64, rng, monkeypatch, padding_mode, align_corners):
+  # The row-pair VJP is itself differentiated for second order (no custom
+  # rule below it): finite differences, then its chunked form and the
+  # four-tap path (which has its own tests) must agree with it.
+  image, grid, cot = smooth_case(rng, align_corners)
+  image, cot = image[..., :1], cot[..., :1]
+  kwargs = dict(padding_mode=padding_mode, align_corners=align_corners)
+  assert uses_row_pairs(image, grid, **kwargs)
+  sample = jax.jit(functools.partial(stnjax.grid_sample, **kwargs))
+  check_grads(sample, (image, grid), order=2, modes=("rev",), eps=1e-6)
+
+  def second_order():
+    def grid_grad_sum(image, grid):
+      loss = lambda g: jnp.sum(cot * stnjax.grid_sample(image, g, **kwargs) ** 2)
+      return jnp.sum(jax.grad(loss)(grid))
+    return jax.jit(jax.grad(grid_grad_sum, argnums=(0, 1)))(image, grid)
+
+  whole = second_order()
+  with monkeypatch.context() as patch:
+    patch.setattr(stnjax.sampling, "_cpu_vjp_chunks", lambda cotangent, spec: 2)
+    chunked = second_order()
+    patch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
+    four_taps = second_order()
+  for a, b, c in zip(whole, chunked, four_taps):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(c, a, rtol=0, atol=1e-10)
+    assert float(jnp.abs(a).max()) > 0.1
 
 
 def test_row_pair_path_reads_no_pixel_outside_the_taps(x64):
