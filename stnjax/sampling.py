@@ -333,28 +333,16 @@ def _row_pair_table(image: jax.Array, spec: _Spec) -> jax.Array:
   return _fusion.own_loop_on_cpu(jax.lax.complex(pad(2, 1), pad(1, 2))).reshape(-1)
 
 
-def _row_pair_table_transpose(table_bar: jax.Array, spec: _Spec) -> jax.Array:
-  """The transpose of `_row_pair_table`: flat complex table cotangent -> `(N, H * W)` real.
-
-  Pixel `(y, x)` is the real part of pair `x0 = x` and the imaginary part of
-  pair `x0 = x - 1` (table columns x + 2 and x + 1); the border is dropped.
-  """
-  height, width = spec.spatial
-  table_bar = table_bar.reshape(-1, height + 4, width + 3)[:, 2:height + 2]
-  image_bar = jax.lax.real(table_bar[:, :, 2:width + 2]) + jax.lax.imag(table_bar[:, :, 1:width + 1])
-  return image_bar.reshape(table_bar.shape[0], height * width)
-
-
 class _RowPairTaps(NamedTuple):
   """Where and how each output point reads the pair table: arrays of shape `(M, P)`."""
   index: jax.Array  # int32 flat table index of the top row's pair; the bottom row's is + W + 3.
-  row_weights: tuple[jax.Array, jax.Array]  # Top and bottom row's weights.
-  col_weights: tuple[jax.Array, jax.Array]  # Left and right pixel's weights.
+  row_weights: tuple[jax.Array, jax.Array]  # The top and bottom row's weights.
+  col_weights: tuple[jax.Array, jax.Array]  # The left and right pixel's weights.
 
 
 def _row_pair_taps(coords, spec: _Spec, num_images: int, first=0,
                    count: int | None = None) -> _RowPairTaps:
-  """The pair-table taps of pixel `coords` `(G, P)` (rows, columns) for examples `first + [0, M)`.
+  """The pair-table taps at pixel `coords` `(G, P)` (rows, columns) for examples `first + [0, M)`.
 
   M = `count` if given, else max(G, `num_images`). The top row and the left
   pair are clipped to y0 in [-2, H] and x0 in [-2, W]: a clipped row or pair
@@ -412,9 +400,8 @@ def _sample_row_pairs(image, coords, spec: _Spec):
   return out
 
 
-def _sample_row_pairs_vjp(pairs, num_images, coords, cotangent, spec: _Spec, pairs_bar,
-                          first=0):
-  """The VJP of `_sample_row_pairs` for cotangent rows `first + [0, len(cotangent))`.
+def _row_pairs_coords_vjp(pairs, num_images, coords, cotangent, spec: _Spec, first=0):
+  """The coordinate cotangent of `_sample_row_pairs`, for cotangent rows `first + [0, n)`.
 
   Args:
     pairs: the flat pair tables, `_row_pair_table(image)`.
@@ -423,41 +410,27 @@ def _sample_row_pairs_vjp(pairs, num_images, coords, cotangent, spec: _Spec, pai
       these examples, or one shared row (G = 1).
     cotangent: `(n, P)`, the output cotangent of these examples.
     spec: as for `_sample_row_pairs`.
-    pairs_bar: the pair tables' cotangent so far (flat, complex); this
-      call's contribution is scatter-added to it. `_row_pair_table_transpose`
-      turns it into the image cotangent.
     first: index of the first example (may be traced).
 
   Returns:
-    `(pairs_bar, coords_bar)`, `coords_bar` shaped like `coords`.
+    `(rows_bar, cols_bar)`, `(n, P)` each: per example, not yet summed
+    over a shared grid.
 
-  Two complex gathers and two complex scatter-adds per point, against four
-  of each on the generic path (`_sample_vjp`). A row's pair `p = left + i *
-  right` contributes `wy * (wx0 * left + wx1 * right)` to the output, with
-  `wx0 = x0 + 1 - x`, `wx1 = x - x0` and `wy` likewise for the rows, so
-  d out / d column = `sum_rows wy * (right - left)`, d out / d row =
-  `wx0 * (left1 - left0) + wx1 * (right1 - right0)`, and each row's pair
-  gets the cotangent `g * wy * (wx0 + i * wx1)` (real part: the left
-  pixel's, imaginary part: the right's).
+  Two complex gathers per point instead of `_sample_vjp`'s four real ones. A
+  row's pair `left + i * right` contributes `wy * (wx0 * left + wx1 * right)`
+  to the output, with `wx0 = x0 + 1 - x`, `wx1 = x - x0` and `wy` likewise
+  for the rows, so d out / d column = `sum_rows wy * (right - left)` and
+  d out / d row = `wx0 * (left1 - left0) + wx1 * (right1 - right0)`.
   """
   taps = _row_pair_taps(coords, spec, num_images, first, cotangent.shape[0])
   (wx0, wx1), pairs = taps.col_weights, pairs.reshape(1, -1)
-  below = taps.index + spec.spatial[1] + 3
-  top_pair = _gather_rows(pairs, taps.index, flat=False)
-  bottom_pair = _gather_rows(pairs, below, flat=False)
-  step = bottom_pair - top_pair
+  top = _gather_rows(pairs, taps.index, flat=False)
+  bottom = _gather_rows(pairs, taps.index + spec.spatial[1] + 3, flat=False)
+  step = bottom - top
   rows_bar = cotangent * (wx0 * jax.lax.real(step) + wx1 * jax.lax.imag(step))
   cols_bar = cotangent * sum(wy * (jax.lax.imag(p) - jax.lax.real(p))
-                             for wy, p in zip(taps.row_weights, (top_pair, bottom_pair)))
-  # A coordinate shared by several images gets the sum of their cotangents.
-  coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
-                     for bar, c in zip((rows_bar, cols_bar), coords))
-  pairs_bar = pairs_bar.reshape(1, -1)
-  for index, wy in zip((taps.index, below), taps.row_weights):
-    weighted = cotangent * wy
-    pairs_bar = _scatter_add_rows(pairs_bar, index, jax.lax.complex(weighted * wx0, weighted * wx1),
-                                  flat=False)
-  return pairs_bar.reshape(-1), coords_bar
+                             for wy, p in zip(taps.row_weights, (top, bottom)))
+  return rows_bar, cols_bar
 
 
 def _sample(image, coords, spec: _Spec):
@@ -496,7 +469,7 @@ def _sample(image, coords, spec: _Spec):
   return out
 
 
-def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
+def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0, pairs=None):
   """The VJP of `_sample` for cotangent rows `first + [0, len(cotangent))`.
 
   Args:
@@ -508,6 +481,10 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
     image_bar: `(N, S[, C])`, the image cotangent so far; this call's
       contribution is scatter-added to it.
     first: index of the first example (may be traced; flat indices only).
+    pairs: on the row-pair path (`_uses_row_pairs`), the image's pair tables:
+      the coordinate cotangent then reads two pairs per point instead of four
+      pixels (`_row_pairs_coords_vjp`). The image cotangent is the same
+      scatter-add per tap either way.
 
   Returns:
     `(image_bar, coords_bar)`, `coords_bar` shaped like `coords`.
@@ -515,6 +492,10 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0):
   taps = _taps(coords, spec)
   if spec.mode == "nearest":  # Piecewise constant: zero gradient for the coordinates.
     coords_bar = tuple(jnp.zeros_like(c) for c in coords)
+  elif pairs is not None:
+    coords_bar = _row_pairs_coords_vjp(pairs, image.shape[0], coords, cotangent, spec, first)
+    coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
+                       for bar, c in zip(coords_bar, coords))
   else:
     count = cotangent.shape[0]
     values = [jnp.where(_per_point(t.valid, cotangent),
@@ -567,17 +548,14 @@ def _pixel_coordinates(grid: tuple[jax.Array, ...], spec: _Spec, with_slopes: bo
   return (tuple(coords), tuple(slopes)) if with_slopes else tuple(coords)
 
 
-def _grid_vjp(sample_vjp, grid, cotangent, spec: _Spec, image_bar, first=0):
-  """VJP of sampling at grid planes `(G, P)`; cotangent rows `first + [0, n)`.
+def _grid_vjp(image, grid, cotangent, spec: _Spec, image_bar, first=0, pairs=None):
+  """VJP of sampling `image (N, S[, C])` at grid planes `(G, P)`; cotangent rows `first + [0, n)`.
 
-  `sample_vjp(coords, cotangent, spec, image_bar, first)` is the VJP in
-  pixel coordinates: `_sample_vjp` with its image, or on the row-pair path
-  `_sample_row_pairs_vjp` with its tables (then `image_bar` is the tables'
-  cotangent). Returns `image_bar` (with this call's contribution added) and
-  the grid cotangent planes, shaped like `grid`.
+  Returns `image_bar` (with this call's contribution added) and the grid
+  cotangent planes, shaped like `grid`. `pairs`: see `_sample_vjp`.
   """
   coords, slopes = _pixel_coordinates(grid, spec, with_slopes=True)
-  image_bar, coords_bar = sample_vjp(coords, cotangent, spec, image_bar, first)
+  image_bar, coords_bar = _sample_vjp(image, coords, cotangent, spec, image_bar, first, pairs)
   ndim = len(spec.spatial)
   return image_bar, tuple(coords_bar[ndim - 1 - k] * slopes[ndim - 1 - k] for k in range(ndim))
 
@@ -634,13 +612,12 @@ def _num_chunks(n: int, elements_per_example: int, budget: int) -> int:
   return chunks if chunks <= 2 * needed else 1  # No good divisor: one piece.
 
 
-def _grid_vjp_chunked(sample_vjp, image_bar, grid, cotangent, spec: _Spec, num_chunks: int):
+def _grid_vjp_chunked(image, grid, cotangent, spec: _Spec, num_chunks: int, pairs=None):
   """`_grid_vjp` over `num_chunks` equal chunks of examples, in a `lax.scan`.
 
   CPU only, with flat indices (`spec.flat_batch`): every chunk scatter-adds
   into the one image cotangent carried through the loop (rows of chunk i
   start at example `i * chunk`), so no per-chunk buffer is stacked.
-  `image_bar` is its initial value (zeros).
   """
   n = cotangent.shape[0]
   chunk = n // num_chunks
@@ -649,8 +626,8 @@ def _grid_vjp_chunked(sample_vjp, image_bar, grid, cotangent, spec: _Spec, num_c
   def body(carry, xs):
     image_bar, shared_grid_bar = carry
     first, part_grid, part_cotangent = xs
-    image_bar, part_bar = _grid_vjp(sample_vjp, grid if part_grid is None else part_grid,
-                                    part_cotangent, spec, image_bar, first)
+    image_bar, part_bar = _grid_vjp(image, grid if part_grid is None else part_grid,
+                                    part_cotangent, spec, image_bar, first, pairs)
     if grid_batched:  # Per-example planes are stacked; a shared grid accumulates.
       return (image_bar, shared_grid_bar), part_bar
     return (image_bar, tuple(a + b for a, b in zip(shared_grid_bar, part_bar))), None
@@ -658,7 +635,7 @@ def _grid_vjp_chunked(sample_vjp, image_bar, grid, cotangent, spec: _Spec, num_c
   xs = (jnp.arange(num_chunks, dtype=jnp.int32) * chunk,
         tuple(c.reshape(num_chunks, chunk, -1) for c in grid) if grid_batched else None,
         cotangent.reshape(num_chunks, chunk, *cotangent.shape[1:]))
-  init = (image_bar, tuple(jnp.zeros_like(c) for c in grid))
+  init = (jnp.zeros_like(image), tuple(jnp.zeros_like(c) for c in grid))
   (image_bar, grid_bar), stacked = jax.lax.scan(body, init, xs)
   if grid_batched:
     grid_bar = tuple(c.reshape(n, -1) for c in stacked)
@@ -712,8 +689,7 @@ def _interpolate_bwd(spec, residuals, cotangent):
   num_chunks = _cpu_vjp_chunks(cotangent, spec)
 
   def whole(image, grid, cotangent):
-    return _grid_vjp(functools.partial(_sample_vjp, image), grid, cotangent, spec,
-                     jnp.zeros_like(image))
+    return _grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))
 
   def cpu(image, grid, cotangent):
     # Every tap reads the cotangent (twice for bilinear): computed once, in
@@ -721,20 +697,11 @@ def _interpolate_bwd(spec, residuals, cotangent):
     # (the STN tutorial's training step: 1.09x faster; see docs/performance.md).
     cotangent = _fusion.own_loop_on_cpu(cotangent)
     cpu_spec = spec._replace(flat_batch=_CPU_FLAT_BATCH)
-    if _uses_row_pairs(image, cpu_spec):  # Into the pair tables' cotangent, then the image's.
-      pairs = _row_pair_table(image, cpu_spec)
-      sample_vjp = functools.partial(_sample_row_pairs_vjp, pairs, image.shape[0])
-      image_bar, finish = jnp.zeros_like(pairs), functools.partial(
-          _row_pair_table_transpose, spec=cpu_spec)
-    else:
-      sample_vjp = functools.partial(_sample_vjp, image)
-      image_bar, finish = jnp.zeros_like(image), lambda image_bar: image_bar
+    pairs = _row_pair_table(image, cpu_spec) if _uses_row_pairs(image, cpu_spec) else None
     if num_chunks == 1:
-      image_bar, grid_bar = _grid_vjp(sample_vjp, grid, cotangent, cpu_spec, image_bar)
-    else:
-      image_bar, grid_bar = _grid_vjp_chunked(sample_vjp, image_bar, grid, cotangent,
-                                              spec._replace(flat_batch=True), num_chunks)
-    return finish(image_bar), grid_bar
+      return _grid_vjp(image, grid, cotangent, cpu_spec, jnp.zeros_like(image), pairs=pairs)
+    return _grid_vjp_chunked(image, grid, cotangent, spec._replace(flat_batch=True), num_chunks,
+                             pairs)
 
   # Chunking and flat indices pay on CPU only; accelerators take the whole
   # batch at once, with batched gathers and scatters.
