@@ -63,7 +63,9 @@ Implementation notes (measured on a 2-core CPU, see `scripts/bench_sampler.py`):
 * On CPU, single-channel 2-D bilinear sampling reads the two taps of each
   image row as one complex number from a table of adjacent-pixel pairs
   with a border of zeros (`_sample_row_pairs`): two gathers per point
-  instead of four, and no masks.
+  instead of four, and no masks. Its VJP reads the pairs the same way for
+  the grid cotangent (`_row_pairs_coords_vjp`); the image cotangent is the
+  generic scatter-add per tap.
 * On CPU a large VJP runs over chunks of the batch (`lax.scan`): XLA:CPU
   materialises each tap's scatter updates, and fresh buffers of tens of MB
   cost more in page faults than the arithmetic (`_cpu_vjp_chunks` says
@@ -571,19 +573,24 @@ _CPU_CHUNK_ELEMENTS = 2**18
 # Single-channel 2-D VJPs (e.g. an STN on its input image) get their own rule:
 # - One piece while their temporaries would stay within this many bytes.
 #   XLA's temporary allocation (`compiled.memory_analysis()`) for the image +
-#   grid VJP in one piece is 15 words per point (60 bytes in float32, 104 in
-#   float64); larger pieces were slower through allocator page faults (not
-#   with glibc's mmap and trim thresholds raised), 60x60 in one piece (52.7
-#   MiB) 2.4x (scripts/bench_ablations.py row 3). At 256x42x42x1 one piece
-#   (25.8 MiB) is 1.17x to 1.24x faster than two chunks on two cores ("grad
-#   theta" 1.17x to 1.33x), 0.92x to 1.00x on one.
+#   grid VJP in one piece is at most 16 words per point (15.2 to 15.5 in
+#   float32, 13.2 to 13.5 in float64, at 28x28 to 60x60, with the row-pair
+#   grid cotangent; 15 and 13 before it); larger pieces were slower through
+#   allocator page faults (not with glibc's mmap and trim thresholds
+#   raised), 60x60 in one piece (52.7 MiB) 2.4x (scripts/bench_ablations.py
+#   row 3). At 256x42x42x1 one piece (25.8 MiB then) was 1.17x to 1.24x
+#   faster than two chunks on two cores ("grad theta" 1.17x to 1.33x), 0.92x
+#   to 1.00x on one. With the row-pair grid cotangent, one piece against 4
+#   or 8 chunks: "grad theta" 1.38x faster, "grad both" 0.88x to 0.91x
+#   (one-off A/B, docs/performance.md); theta-only is the common case (an STN on its
+#   input), so 42x42 stays in one piece.
 # - Above that, smaller chunks: at 256x60x60x1, 8 chunks instead of 4 are
 #   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
 # Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 14
 # to 22 MiB; half the element budget 0.95x to 1.01x), so they keep the
 # element budget. docs/performance.md (chunk size) has the measurements.
 _CPU_ONE_PIECE_BYTES = 28 * 2**20
-_ONE_PIECE_WORDS_PER_POINT = 15
+_ONE_PIECE_WORDS_PER_POINT = 16
 _CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS = 2**17
 
 

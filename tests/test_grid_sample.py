@@ -1058,8 +1058,8 @@ def test_num_chunks(n, per_example, budget, expected):
 
 
 @pytest.mark.parametrize("cotangent_shape,dtype,spatial,expected", [
-    ((256, 42 * 42), np.float32, (42, 42), 1),  # 25.8 MiB in one piece: within the limit.
-    ((256, 60 * 60), np.float32, (60, 60), 8),  # 52.7 MiB: chunks of <= 2**17 elements.
+    ((256, 42 * 42), np.float32, (42, 42), 1),  # 27.6 MiB in one piece: within the limit.
+    ((256, 60 * 60), np.float32, (60, 60), 8),  # 56.2 MiB: chunks of <= 2**17 elements.
     ((256, 42 * 42), np.float64, (42, 42), 4),  # Twice the bytes: chunks of <= 2**17.
     ((256, 42 * 42, 3), np.float32, (42, 42), 8),  # Multi-channel: the element budget.
     ((256, 8 * 8 * 8), np.float32, (8, 8, 8), 1),  # Volumes: the element budget (fits).
