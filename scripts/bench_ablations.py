@@ -52,6 +52,12 @@ and synchronised:
     60x60) with the table's zero border and clipped positions
     (`sampling._sample_row_pairs`) vs pairs inside the image rows only and
     a select per row (`masked_row_pairs`, the previous code).
+17. row-pair grid cotangent: the sampler's theta gradient and image + theta
+    gradient at 256x28x28x1 (and 42x42, 60x60) with the VJP reading two
+    complex pairs per point for the grid cotangent
+    (`sampling._row_pairs_coords_vjp`) vs four pixels (`sampling._sample_vjp`
+    without pair tables, the previous code). The forward pass and the image
+    cotangent's scatter-adds are the same on both sides.
 
 --rows SUBSTRING runs only the rows whose name contains it.
 """
@@ -315,6 +321,12 @@ def rows():
     yield (f"forward 256x{size}x{size}x1, row pairs: zero-bordered table vs masked rows",
            *as_is_and_patched(lambda: forward_case(size, size, 1),
                               mock.patch.object(sampling, "_sample_row_pairs", masked_row_pairs)))
+
+  no_vjp_pairs = mock.patch.object(sampling, "_vjp_pair_table", lambda image, spec: None)
+  for size in (28, 42, 60):
+    for workload, argnums in (("theta grad", 1), ("image+theta grad", (0, 1))):
+      yield (f"{workload} 256x{size}x{size}x1: row-pair grid cotangent vs four taps",
+             *as_is_and_patched(lambda: sampler_case(size, size, 1, argnums), no_vjp_pairs))
 
 
 def main():

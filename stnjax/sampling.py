@@ -691,6 +691,11 @@ def _interpolate_fwd(image, grid, spec):
   return _interpolate(image, grid, spec), (image, grid)
 
 
+def _vjp_pair_table(image, spec: _Spec):
+  """On the row-pair path, the pair tables the VJP reads for the grid cotangent; else None."""
+  return _row_pair_table(image, spec) if _uses_row_pairs(image, spec) else None
+
+
 def _interpolate_bwd(spec, residuals, cotangent):
   image, grid = residuals
   num_chunks = _cpu_vjp_chunks(cotangent, spec)
@@ -704,7 +709,7 @@ def _interpolate_bwd(spec, residuals, cotangent):
     # (the STN tutorial's training step: 1.09x faster; see docs/performance.md).
     cotangent = _fusion.own_loop_on_cpu(cotangent)
     cpu_spec = spec._replace(flat_batch=_CPU_FLAT_BATCH)
-    pairs = _row_pair_table(image, cpu_spec) if _uses_row_pairs(image, cpu_spec) else None
+    pairs = _vjp_pair_table(image, cpu_spec)
     if num_chunks == 1:
       return _grid_vjp(image, grid, cotangent, cpu_spec, jnp.zeros_like(image), pairs=pairs)
     return _grid_vjp_chunked(image, grid, cotangent, spec._replace(flat_batch=True), num_chunks,
