@@ -582,8 +582,8 @@ _CPU_CHUNK_ELEMENTS = 2**18
 #   faster than two chunks on two cores ("grad theta" 1.17x to 1.33x), 0.92x
 #   to 1.00x on one. With the row-pair grid cotangent, one piece against 4
 #   or 8 chunks: "grad theta" 1.38x faster, "grad both" 0.88x to 0.91x
-#   (one-off A/B, docs/performance.md); theta-only is the common case (an STN on its
-#   input), so 42x42 stays in one piece.
+#   (one-off A/B, docs/performance.md); theta-only is the common case (an
+#   STN on its input), so 42x42 stays in one piece.
 # - Above that, smaller chunks: at 256x60x60x1, 8 chunks instead of 4 are
 #   1.13x faster on two cores and 1.14x on one ("grad theta" 0.99x).
 # Multi-channel VJPs gain nothing from either (one piece 0.76x to 0.99x at 14
