@@ -1,11 +1,14 @@
 """Benchmark: stnjax.grid_sample vs torch grid_sample vs jax.scipy map_coordinates.
 
 Batch 256 of affine-warped images (bilinear, zeros padding,
-align_corners=False), three workloads:
+align_corners=False), four workloads:
 
   forward        sample(image, affine_grid(theta))
   grad theta     forward + backward to theta only (the STN-on-input case)
   grad both      forward + backward to image and theta (STN on feature maps)
+  sample only    sample(image, grid) with the same affine grid made beforehand
+                 (each library's own, outside the timed call): the sampler
+                 alone, as for a grid from elsewhere (TPS, a user's own)
 
 JAX functions are jit-compiled and synchronised with block_until_ready.
 Each (implementation, workload) is timed in --rounds rounds of --repeats runs
@@ -53,7 +56,7 @@ import timing
 from stnjax.sampling import unnormalize
 
 SHAPES = ((28, 28, 1), (42, 42, 1), (60, 60, 1), (28, 28, 32))
-WORKLOADS = ("forward", "grad theta", "grad both")
+WORKLOADS = ("forward", "grad theta", "grad both", "sample only")
 
 
 def median_ms(fn, warmup, repeats):
@@ -67,8 +70,12 @@ def stnjax_sample(image, theta):
 
 def map_coordinates_sample(image, theta):
   """The same warp with jax.scipy.ndimage.map_coordinates, vmapped over batch and channels."""
+  return map_coordinates_grid_sample(image, stnjax.affine_grid(theta, image.shape[1:3]))
+
+
+def map_coordinates_grid_sample(image, grid):
+  """`grid_sample(image, grid)` (normalised (x, y) grid) with map_coordinates."""
   h, w = image.shape[1:3]
-  grid = stnjax.affine_grid(theta, (h, w))
   rows = unnormalize(grid[..., 1], h, align_corners=False)
   cols = unnormalize(grid[..., 0], w, align_corners=False)
 
@@ -79,7 +86,7 @@ def map_coordinates_sample(image, theta):
   return jax.vmap(per_channel)(image, rows, cols)
 
 
-def jax_fns(sample):
+def jax_fns(sample, grid_sample):
   def loss(image, theta, cotangent):
     return jnp.vdot(sample(image, theta), cotangent)
 
@@ -87,14 +94,18 @@ def jax_fns(sample):
       "forward": jax.jit(sample),
       "grad theta": jax.jit(jax.grad(loss, argnums=1)),
       "grad both": jax.jit(jax.grad(loss, argnums=(0, 1))),
+      "sample only": jax.jit(grid_sample),
   }
 
 
 def jax_runners(fns, image, theta, cotangent):
   """Zero-argument callables, one per workload, that run and synchronise."""
+  grid = jax.block_until_ready(jax.jit(stnjax.affine_grid, static_argnums=1)(
+      theta, image.shape[1:3]))
   out = {}
   for name, fn in fns.items():
-    args = (image, theta) if name == "forward" else (image, theta, cotangent)
+    args = {"forward": (image, theta), "sample only": (image, grid)}.get(
+        name, (image, theta, cotangent))
     out[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
   return out
 
@@ -123,8 +134,15 @@ def torch_runners(image, theta, cotangent):
     with torch.no_grad():
       run(False, False)
 
+  grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+
+  def sample_only():
+    with torch.no_grad():
+      F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sync()
+
   runners = {"forward": forward, "grad theta": lambda: run(False, True),
-             "grad both": lambda: run(True, True)}
+             "grad both": lambda: run(True, True), "sample only": sample_only}
   return runners, f"torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)"
 
 
@@ -155,8 +173,9 @@ def main():
              + rng.normal(0, 0.2, (args.batch, 2, 3)).astype(np.float32))
     cotangent = rng.normal(size=(args.batch, h, w, c)).astype(np.float32)
     arrays = [jax.device_put(a) for a in (image, theta, cotangent)]
-    runners = {"stnjax": jax_runners(jax_fns(stnjax_sample), *arrays),
-               "map_coordinates": jax_runners(jax_fns(map_coordinates_sample), *arrays)}
+    runners = {"stnjax": jax_runners(jax_fns(stnjax_sample, stnjax.grid_sample), *arrays),
+               "map_coordinates": jax_runners(
+                   jax_fns(map_coordinates_sample, map_coordinates_grid_sample), *arrays)}
     try:
       runners["torch"], torch_info = torch_runners(image, theta, cotangent)
     except ImportError:
