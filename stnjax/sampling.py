@@ -494,18 +494,17 @@ def _sample_vjp(image, coords, cotangent, spec: _Spec, image_bar, first=0, pairs
   taps = _taps(coords, spec)
   if spec.mode == "nearest":  # Piecewise constant: zero gradient for the coordinates.
     coords_bar = tuple(jnp.zeros_like(c) for c in coords)
-  elif pairs is not None:
-    coords_bar = _row_pairs_coords_vjp(pairs, image.shape[0], coords, cotangent, spec, first)
-    coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
-                       for bar, c in zip(coords_bar, coords))
   else:
-    count = cotangent.shape[0]
-    values = [jnp.where(_per_point(t.valid, cotangent),
-                        _gather_rows(image, t.index, spec.flat_batch, first, count), 0)
-              for t in taps]
-    dots = _sum_channels([cotangent * v for v in values])  # <cotangent, tap value> per point.
-    coords_bar = tuple(sum(dot * t.slopes[a] for dot, t in zip(dots, taps))
-                       for a in range(len(coords)))
+    if pairs is not None:
+      coords_bar = _row_pairs_coords_vjp(pairs, image.shape[0], coords, cotangent, spec, first)
+    else:
+      count = cotangent.shape[0]
+      values = [jnp.where(_per_point(t.valid, cotangent),
+                          _gather_rows(image, t.index, spec.flat_batch, first, count), 0)
+                for t in taps]
+      dots = _sum_channels([cotangent * v for v in values])  # <cotangent, tap value> per point.
+      coords_bar = tuple(sum(dot * t.slopes[a] for dot, t in zip(dots, taps))
+                         for a in range(len(coords)))
     # A coordinate shared by several images gets the sum of their cotangents.
     coords_bar = tuple(jnp.sum(bar, 0, keepdims=True) if c.shape[0] == 1 else bar
                        for bar, c in zip(coords_bar, coords))
