@@ -31,12 +31,16 @@ _PROJECTIVE_EPS = 1e-6
 
 
 def _check_out_shape(out_shape: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
-  out_shape = tuple(int(s) for s in out_shape)
-  if len(out_shape) != ndim or any(s < 1 for s in out_shape):
-    names = "(D_out, H_out, W_out)" if ndim == 3 else "(H_out, W_out)"
-    raise ValueError(f"`out_shape` must be {ndim} positive sizes {names} for {what}, "
-                     f"got {out_shape}.")
-  return out_shape
+  names = "(D_out, H_out, W_out)" if ndim == 3 else "(H_out, W_out)"
+  error = ValueError(f"`out_shape` must be a tuple of {ndim} positive integer sizes {names} "
+                     f"for {what}, got {out_shape!r}.")
+  try:
+    sizes = tuple(out_shape)
+  except TypeError:
+    raise error from None
+  if len(sizes) != ndim or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in sizes):
+    raise error
+  return tuple(int(s) for s in sizes)
 
 
 def _check_float(x: jax.Array, name: str) -> jax.Array:

@@ -18,6 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stnjax import _batching
+
+
+def _broadcast_params(**params) -> list[jax.Array]:
+  """Float arrays broadcast to one shape; the error names each argument and its shape."""
+  arrays = {k: jnp.asarray(v, jnp.result_type(float, v)) for k, v in params.items()}
+  try:
+    shape = jnp.broadcast_shapes(*(a.shape for a in arrays.values()))
+  except ValueError:
+    described = ", ".join(f"`{k}` {a.shape}" for k, a in arrays.items())
+    raise ValueError(f"The parameters do not broadcast to one shape: {described}.") from None
+  return [jnp.broadcast_to(a, shape) for a in arrays.values()]
+
 
 def identity_theta(ndim: int = 2, dtype=jnp.float32) -> jax.Array:
   """The identity affine matrix, `(2, 3)` or `(3, 4)`."""
@@ -33,8 +46,7 @@ def attention_theta(scale: jax.Array, tx: jax.Array, ty: jax.Array) -> jax.Array
   Returns:
     `S + (2, 3)`.
   """
-  scale, tx, ty = jnp.broadcast_arrays(*(jnp.asarray(v, jnp.result_type(float, v))
-                                         for v in (scale, tx, ty)))
+  scale, tx, ty = _broadcast_params(scale=scale, tx=tx, ty=ty)
   zero = jnp.zeros_like(scale)
   return jnp.stack([jnp.stack([scale, zero, tx], -1), jnp.stack([zero, scale, ty], -1)], -2)
 
@@ -49,8 +61,7 @@ def rts_theta(angle: jax.Array, scale: jax.Array, tx: jax.Array, ty: jax.Array) 
   Returns:
     `S + (2, 3)` for the broadcast shape `S` of the arguments.
   """
-  angle, scale, tx, ty = jnp.broadcast_arrays(*(jnp.asarray(v, jnp.result_type(float, v))
-                                                for v in (angle, scale, tx, ty)))
+  angle, scale, tx, ty = _broadcast_params(angle=angle, scale=scale, tx=tx, ty=ty)
   cos, sin = scale * jnp.cos(angle), scale * jnp.sin(angle)
   return jnp.stack([jnp.stack([cos, -sin, tx], -1), jnp.stack([sin, cos, ty], -1)], -2)
 
@@ -73,15 +84,20 @@ def homography_from_points(target: jax.Array, source: jax.Array) -> jax.Array:
 
   Args:
     target: `(..., 4, 2)` points in the output.
-    source: `(..., 4, 2)` where they sample the input.
+    source: `(..., 4, 2)` where they sample the input. The leading batch
+      dimensions of `target` and `source` broadcast against each other (e.g.
+      the image corners `(4, 2)` as targets for a batch of sources).
 
   Returns:
-    `(..., 3, 3)`.
+    `(..., 3, 3)`, with the broadcast batch shape.
   """
   target, source = jnp.asarray(target), jnp.asarray(source)
-  if target.shape[-2:] != (4, 2) or source.shape[-2:] != (4, 2):
+  if target.ndim < 2 or source.ndim < 2 or target.shape[-2:] != (4, 2) or source.shape[-2:] != (4, 2):
     raise ValueError(f"`target` and `source` must have shape (..., 4, 2), got {target.shape} "
                      f"and {source.shape}.")
+  batch = _batching.broadcast_batch({"target": target.shape[:-2], "source": source.shape[:-2]})
+  target = jnp.broadcast_to(target, batch + (4, 2))
+  source = jnp.broadcast_to(source, batch + (4, 2))
   x, y = target[..., 0], target[..., 1]
   u, v = source[..., 0], source[..., 1]
   one, zero = jnp.ones_like(x), jnp.zeros_like(x)

@@ -161,6 +161,10 @@ def test_affine_grid_bad_input():
     stnjax.affine_grid(jnp.eye(3, 4), (4, 5))
   with pytest.raises(ValueError, match=r"out_shape.*\(0, 5\)"):
     stnjax.affine_grid(jnp.eye(2, 3), (0, 5))
+  with pytest.raises(ValueError, match=r"out_shape.*integer.*got 28\."):  # Not a tuple.
+    stnjax.affine_grid(jnp.eye(2, 3), 28)
+  with pytest.raises(ValueError, match=r"out_shape.*\(4\.5, 5\)"):  # Not truncated to 4.
+    stnjax.affine_grid(jnp.eye(2, 3), (4.5, 5))
 
 
 # ---------------------------------------------------------------------------

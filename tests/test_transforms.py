@@ -124,8 +124,32 @@ def test_homography_from_points_batched_identity_and_affine(x64, rng):
                              stnjax.affine_to_homography(theta), atol=1e-12)
 
 
+def test_homography_from_points_broadcasts_target_and_source(x64, rng):
+  # Fixed corners as targets for a batch of sources, and the reverse.
+  corners = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+  sources = corners * 0.7 + rng.uniform(-0.2, 0.2, (2, 3, 4, 2))
+  h = stnjax.homography_from_points(corners, sources)
+  assert h.shape == (2, 3, 3, 3)
+  np.testing.assert_allclose(apply_homography(h, corners), sources, rtol=0, atol=1e-12)
+  for index in np.ndindex(2, 3):
+    np.testing.assert_array_equal(h[index], stnjax.homography_from_points(corners, sources[index]))
+  h = stnjax.homography_from_points(sources[:, :1], sources[0])  # (2, 1) with (3,): (2, 3).
+  assert h.shape == (2, 3, 3, 3)
+  np.testing.assert_allclose(apply_homography(h[1, 2], sources[1, 0]), sources[0, 2],
+                             rtol=0, atol=1e-12)
+
+
 def test_homography_from_points_bad_input():
   with pytest.raises(ValueError, match=r"target.*\(3, 2\)"):
     stnjax.homography_from_points(jnp.zeros((3, 2)), jnp.zeros((4, 2)))
   with pytest.raises(ValueError, match=r"\(4, 3\)"):
     stnjax.homography_from_points(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
+  with pytest.raises(ValueError, match=r"`target` batch dims \(3,\), `source` batch dims \(2,\)"):
+    stnjax.homography_from_points(jnp.zeros((3, 4, 2)), jnp.zeros((2, 4, 2)))
+
+
+def test_parameters_that_do_not_broadcast_are_named():
+  with pytest.raises(ValueError, match=r"`angle` \(3,\), `scale` \(2,\), `tx` \(\), `ty` \(\)"):
+    stnjax.rts_theta(jnp.zeros(3), jnp.ones(2), 0.0, 0.0)
+  with pytest.raises(ValueError, match=r"`scale` \(2,\), `tx` \(3,\), `ty` \(\)"):
+    stnjax.attention_theta(jnp.ones(2), jnp.zeros(3), 0.0)
