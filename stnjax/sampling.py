@@ -24,18 +24,28 @@ Conventions (the same as `torch.nn.functional.grid_sample`, but channels-last):
 
 Defined behaviour where PyTorch is inconsistent:
 
-* A NaN grid coordinate is treated as -1 in every mode. (PyTorch's 2-D CPU
-  kernel does this only with border/reflection padding; with zeros padding,
-  bicubic mode, or in 3-D it returns NaN.) Its gradient is 0.
-* Coordinates are clamped to +-2**24 pixels (so +-inf are simply far outside
-  the image) before padding; PyTorch returns NaN for an infinite coordinate.
+* A NaN grid coordinate is treated as -1 in every mode. (torch 2.13's 2-D
+  CPU kernel does this only for bilinear and nearest with border/reflection
+  padding, and returns NaN otherwise, or 0 for nearest with zeros padding;
+  its 3-D kernel samples as if NaN were beyond the far edge.) Its gradient
+  is 0.
+* An infinite coordinate is treated as +-2**24 pixels (far outside the
+  image; with reflection padding, reflected from there); PyTorch returns
+  NaN for it. Finite coordinates, however large, give PyTorch's values
+  (zeros and border padding clamp them to +-2**24 pixels, which changes
+  neither value nor gradient there).
 * The gradient of a clipped coordinate is 0 exactly at the bounds as well as
   beyond them (PyTorch's generic and CUDA kernels; reflection flips its sign).
 
 Gradients are exact sub-gradients of the piecewise-polynomial kernels: the two
 bilinear taps are `floor(x)` and `floor(x) + 1` (never `ceil`), so the gradient
 with respect to the grid is non-zero at integer pixel positions; `nearest` has
-zero gradient with respect to the grid. Values gathered at taps outside the
+zero gradient with respect to the grid. At an integer pixel position the
+bilinear gradient is the one-sided difference towards `floor(x) + 1`; a
+coordinate one rounding error below it gets the other side. So at the
+identity transform, whose samples lie on pixel centres up to rounding, it
+can differ from PyTorch's at some points (whose grids and unnormalisation
+round differently in the last bit; see the README). Values gathered at taps outside the
 image are removed with `jnp.where`, so inf/NaN pixels that are not taps never
 reach the output or its gradients.
 
@@ -178,8 +188,9 @@ def _axis_taps(coord: jax.Array, size: int, spec: _Spec):
   """Taps along one array axis.
 
   Args:
-    coord: pixel coordinates along this axis (clamped to +-_FAR); already
-      padded for bilinear/nearest, raw for bicubic (which pads each tap).
+    coord: pixel coordinates along this axis (finite; clamped to +-_FAR
+      unless reflected); already padded for bilinear/nearest, raw for
+      bicubic (which pads each tap).
     size: the image's size along this axis.
 
   Returns:
@@ -525,14 +536,21 @@ def _pixel_coordinates(grid: tuple[jax.Array, ...], spec: _Spec, with_slopes: bo
       d pixel / d grid (the JVP with unit tangent, so the clip and reflection
       rules are exactly those of autodiff).
 
-  Maps NaN to -1, unnormalises, clamps to +-_FAR and applies the padding
-  (bicubic pads each tap instead). Returns planes in array-axis order.
+  Maps NaN to -1, unnormalises, clamps to +-_FAR (reflection: replaces
+  +-inf by +-_FAR) and applies the padding (bicubic pads each tap instead).
+  Returns planes in array-axis order.
   """
   ndim = len(spec.spatial)
 
   def to_pixels(c, size):
     c = jnp.where(jnp.isnan(c), -1.0, c)
-    c = jnp.clip(unnormalize(c, size, spec.align_corners), -_FAR, _FAR)
+    c = unnormalize(c, size, spec.align_corners)
+    if spec.padding_mode == "reflection":
+      # Reflection brings every finite coordinate (and every bicubic tap) into
+      # the image, as PyTorch's does; only +-inf are replaced, by +-_FAR.
+      c = jnp.where(jnp.isinf(c), jnp.where(c > 0, _FAR, -_FAR), c).astype(c.dtype)
+    else:  # Zeros and border give the same at +-_FAR as anywhere beyond it.
+      c = jnp.clip(c, -_FAR, _FAR)
     if spec.mode != "bicubic":
       c = _pad(c, size, spec.padding_mode, spec.align_corners)
     return c
@@ -797,6 +815,12 @@ def grid_sample(image: jax.Array, grid: jax.Array, *, mode: str = "bilinear",
   grid_batch, out_core = _batching.split_batch(grid, ndim + 1, "grid")
   batch = _batching.broadcast_batch({"image": image_batch, "grid": grid_batch})
   dtype = jnp.result_type(image.dtype, grid.dtype)
+  if 0 in spatial:
+    raise ValueError(f"`image` has an empty spatial axis: shape {image.shape}, spatial "
+                     f"{tuple(spatial)}.")
+  out_shape = batch + out_core[:-1] + (channels,)
+  if math.prod(out_shape) == 0:  # An empty batch, output or channel axis: nothing to sample.
+    return jnp.zeros(out_shape, dtype)
 
   # Flatten the batch: images to (N, prod(spatial), C), grids to (G, P, ndim).
   # An operand whose batch is all ones is shared (N or G = 1), not copied.
@@ -815,4 +839,4 @@ def grid_sample(image: jax.Array, grid: jax.Array, *, mode: str = "bilinear",
   planes = tuple(p[..., 0] for p in jax.lax.split(grid, (1,) * ndim, axis=2))
   spec = _Spec(tuple(spatial), mode, padding_mode, bool(align_corners))
   out = _interpolate(image, planes, spec)  # (max(G, N), P[, C])
-  return out.reshape(batch + out_core[:-1] + (channels,))
+  return out.reshape(out_shape)

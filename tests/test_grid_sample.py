@@ -388,6 +388,30 @@ def test_matches_torch_float32(rng, mode, padding_mode, align_corners):
   np.testing.assert_allclose(d_grid, ref_d_grid, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("align_corners", ALIGNS)
+@pytest.mark.parametrize("mode", MODES)
+def test_reflection_of_huge_finite_coordinates_matches_torch(x64, rng, mode, align_corners):
+  # Pixel coordinates of 1e7 to 1e9 (beyond the +-2**24 that zeros and border
+  # clamp to): reflection brings them back into the image, as PyTorch does.
+  image, _, cot = random_case(rng)
+  batch, (height, width), out_spatial, _ = SHAPES_2D
+  shape = batch + out_spatial
+  far = rng.choice([-1, 1], shape) * rng.integers(10**7, 10**9, shape)
+  cols = smooth_pixel_coords(rng, shape, width) + far * 2 * width
+  rows = smooth_pixel_coords(rng, shape, height) - far * 2 * height
+  grid = pixel_grid(cols, rows, width, height, align_corners)
+  assert np.abs(grid).min() > 1e6
+  kwargs = dict(mode=mode, padding_mode="reflection", align_corners=align_corners)
+  out, d_image, d_grid = stnjax_grid_sample(image, grid, cot, **kwargs)
+  ref_out, ref_d_image, ref_d_grid = torch_grid_sample(image, grid, cot, **kwargs)
+  np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-8)
+  np.testing.assert_allclose(d_image, ref_d_image, rtol=0, atol=1e-8)
+  np.testing.assert_allclose(d_grid, ref_d_grid, rtol=1e-6, atol=1e-6)
+  assert np.abs(ref_out).max() > 0.1
+  if mode != "nearest":
+    assert np.abs(ref_d_grid).max() > 0.1  # Reflected, not clamped (clamped would give 0).
+
+
 def test_matches_torch_with_shared_grid(x64, rng):
   # One grid (no batch dims) for a batch of 2 images == torch with the grid repeated.
   image, grid, cot = random_case(rng)
@@ -490,6 +514,37 @@ def test_translation_gradient_at_identity_on_a_ramp(x64, align_corners):
                         align_corners=align_corners)
   out_t[:, :, 1:-1, 1:-1].sum().backward()
   np.testing.assert_allclose(grad, theta_t.grad.numpy()[0], rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("align_corners", ALIGNS)
+def test_grid_gradient_on_pixel_centres_is_a_one_sided_derivative(x64, rng, align_corners):
+  # At the identity every sample sits on a pixel centre, up to rounding: a
+  # kink of the bilinear kernel. Which one-sided derivative a point gets
+  # depends on the last bit of its pixel coordinate, so stnjax and PyTorch
+  # (whose 2-D CPU kernel unnormalises with a fused multiply-add) can pick
+  # different sides at some points, even given the same grid. Each picks one
+  # of the two, per point and axis.
+  height, width = 5, 7
+  image = rng.normal(size=(2, height, width, 3))
+  cot = rng.normal(size=(2, height, width, 3))
+  grid = F.affine_grid(torch.eye(2, 3, dtype=torch.float64).expand(2, 2, 3),
+                       (2, 3, height, width), align_corners=align_corners).numpy()
+  padded = np.pad(image, ((0, 0), (1, 1), (1, 1), (0, 0)))  # Zeros padding.
+  core = padded[:, 1:-1, 1:-1]
+  scale = [(size - 1) / 2 if align_corners else size / 2 for size in (width, height)]
+  sides = {  # d loss / d grid, (x, y), right/down and left/up differences.
+      "forward": [np.sum(cot * (padded[:, 1:-1, 2:] - core), -1) * scale[0],
+                  np.sum(cot * (padded[:, 2:, 1:-1] - core), -1) * scale[1]],
+      "backward": [np.sum(cot * (core - padded[:, 1:-1, :-2]), -1) * scale[0],
+                   np.sum(cot * (core - padded[:, :-2, 1:-1]), -1) * scale[1]]}
+  d_grid = stnjax_grid_sample(image, grid, cot, align_corners=align_corners)[2]
+  d_grid_torch = torch_grid_sample(image, grid, cot, align_corners=align_corners)[2]
+  for got in (d_grid, d_grid_torch):
+    for axis in range(2):
+      forward = np.isclose(got[..., axis], sides["forward"][axis], rtol=0, atol=1e-9)
+      backward = np.isclose(got[..., axis], sides["backward"][axis], rtol=0, atol=1e-9)
+      assert np.all(forward | backward)
+  assert not np.allclose(sides["forward"][0], sides["backward"][0])  # The sides differ.
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1202,6 +1257,23 @@ def test_integer_inputs_raise_type_error():
     stnjax.grid_sample(jnp.zeros((5, 6, 1)), jnp.zeros((4, 4, 2), jnp.int32))
   with pytest.raises(TypeError, match=r"image.*int32.*\(5, 6, 1\)"):
     stnjax.grid_sample(jnp.zeros((5, 6, 1), jnp.int32), jnp.zeros((4, 4, 2)))
+
+
+def test_empty_batch_output_or_channels_give_empty_output():
+  cases = [((0, 6, 7, 2), (0, 4, 5, 2), (0, 4, 5, 2)),  # No examples.
+           ((0, 6, 7, 2), (4, 5, 2), (0, 4, 5, 2)),  # No images, one shared grid.
+           ((2, 6, 7, 0), (2, 4, 5, 2), (2, 4, 5, 0)),  # No channels.
+           ((2, 6, 7, 3), (2, 0, 5, 2), (2, 0, 5, 3)),  # No output rows.
+           ((0, 3, 4, 5, 1), (0, 2, 2, 2, 3), (0, 2, 2, 2, 1))]  # 3-D.
+  for image_shape, grid_shape, out_shape in cases:
+    image, grid = jnp.ones(image_shape), jnp.zeros(grid_shape)
+    out = stnjax.grid_sample(image, grid)
+    assert out.shape == out_shape and out.dtype == jnp.float32
+    d_image, d_grid = jax.grad(lambda i, g: jnp.sum(stnjax.grid_sample(i, g)),
+                               argnums=(0, 1))(image, grid)
+    assert d_image.shape == image_shape and d_grid.shape == grid_shape
+  with pytest.raises(ValueError, match=r"image.*empty spatial axis.*\(2, 0, 7, 3\)"):
+    stnjax.grid_sample(jnp.zeros((2, 0, 7, 3)), jnp.zeros((2, 4, 5, 2)))
 
 
 def test_bicubic_with_3d_grid_raises():
