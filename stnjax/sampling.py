@@ -42,12 +42,12 @@ bilinear taps are `floor(x)` and `floor(x) + 1` (never `ceil`), so the gradient
 with respect to the grid is non-zero at integer pixel positions; `nearest` has
 zero gradient with respect to the grid. At an integer pixel position the
 bilinear gradient is the one-sided difference towards `floor(x) + 1`; a
-coordinate one rounding error below it gets the other side. So at the
-identity transform, whose samples lie on pixel centres up to rounding, it
-can differ from PyTorch's at some points (whose grids and unnormalisation
-round differently in the last bit; see the README). Values gathered at taps outside the
-image are removed with `jnp.where`, so inf/NaN pixels that are not taps never
-reach the output or its gradients.
+coordinate one rounding error below it gets the other side. The identity
+transform puts its samples on pixel centres up to rounding, so there the
+grid gradient can differ from PyTorch's at some points (PyTorch's grids
+and unnormalisation round differently in the last bit; see the README).
+Values gathered at taps outside the image are removed with `jnp.where`, so
+inf/NaN pixels that are not taps never reach the output or its gradients.
 
 Differentiation: `grid_sample` has a hand-written VJP (`jax.custom_vjp`),
 so use reverse mode (`jax.grad`, `jax.vjp`, `jax.jacrev`); forward mode

@@ -92,7 +92,7 @@ def homography_from_points(target: jax.Array, source: jax.Array) -> jax.Array:
     `(..., 3, 3)`, with the broadcast batch shape.
   """
   target, source = jnp.asarray(target), jnp.asarray(source)
-  if target.ndim < 2 or source.ndim < 2 or target.shape[-2:] != (4, 2) or source.shape[-2:] != (4, 2):
+  if target.shape[-2:] != (4, 2) or source.shape[-2:] != (4, 2):
     raise ValueError(f"`target` and `source` must have shape (..., 4, 2), got {target.shape} "
                      f"and {source.shape}.")
   batch = _batching.broadcast_batch({"target": target.shape[:-2], "source": source.shape[:-2]})
