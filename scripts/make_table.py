@@ -1,6 +1,6 @@
 r"""Turns `scripts/reproduce.py` records into the results tables (Markdown) and a bar chart.
 
-  python scripts/make_table.py                       # Markdown to stdout
+  python scripts/make_table.py                       # Markdown to stdout, no chart
   python scripts/make_table.py --out docs/results.md --plot docs/images/results.png
 
 Reads every `<results_dir>/**/*.json` record (default `results/`; files
@@ -205,8 +205,8 @@ def main(argv=None):
                       help="Comma-separated protocol names to include (default: all).")
   parser.add_argument("--metric", choices=["final", "best_val"], default="final")
   parser.add_argument("--out", default="", help="Markdown file (default: stdout).")
-  parser.add_argument("--plot", default=os.path.join(REPO, "docs", "images", "results.png"),
-                      help="Bar chart PNG ('' for none).")
+  parser.add_argument("--plot", default="",
+                      help="Also write the bar chart to this PNG and link it (default: none).")
   args = parser.parse_args(argv)
   records = load_records(args.results_dir)
   if args.protocols:

@@ -149,6 +149,8 @@ def parse_args(argv):
     parser.error("--seeds must be >= 1")
   if args.num_steps is not None and args.num_steps < 1:
     parser.error("--num_steps must be >= 1")
+  if args.eval_every is not None and args.eval_every < 1:
+    parser.error(f"--eval_every must be >= 1, got {args.eval_every}")
   if args.protocol_name is None:
     args.protocol_name = (args.preset if args.num_steps is None
                           else f"{args.preset}-{args.num_steps}steps")

@@ -47,8 +47,9 @@
   `stnjax.figures`.
 
 A non-finite training loss raises `FloatingPointError` naming the first bad
-step (checked at every log, eval and checkpoint step, so before any NaN
-state is saved).
+step (checked at every log, eval and checkpoint step), and so do non-finite
+parameters at a checkpoint step, before they are saved: no checkpoint holds
+a NaN.
 """
 
 import json
@@ -296,6 +297,17 @@ class _MetricsWriter:
         f.write(json.dumps({"step": int(step), **metrics}) + "\n")
 
 
+def _check_finite_params(params, step: int, first_seed: int, workdir: str):
+  """Raises `FloatingPointError` naming the step and seed if any parameter is not finite."""
+  finite = jax.device_get(jax.tree.reduce(
+      jnp.logical_and,
+      jax.tree.map(lambda x: jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1), params)))
+  if not finite.all():
+    seed = int(np.argmin(finite))
+    raise FloatingPointError(f"Non-finite parameters after step {step} (seed index {seed}, "
+                             f"seed {first_seed + seed}); not checkpointed; workdir {workdir}.")
+
+
 def _write_config(config, workdir: str):
   path = os.path.join(workdir, "config.json")
   text = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -343,8 +355,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if value % len(devices):
       raise ValueError(f"`{name}`={value} must be divisible by the number of devices "
                        f"({len(devices)}; on a CPU, JAX_NUM_CPU_DEVICES sets it).")
-  if num_seeds < 1:
-    raise ValueError(f"`config.num_seeds` must be >= 1, got {num_seeds}.")
+  for name, value in (("num_seeds", num_seeds), ("train.batch_size", batch_size),
+                      ("eval_batch_size", config.eval_batch_size),
+                      ("log_every", config.log_every), ("eval_every", config.eval_every),
+                      ("checkpoint_every", config.checkpoint_every),
+                      ("keep_checkpoints", config.keep_checkpoints)):
+    if value < 1:
+      raise ValueError(f"`config.{name}` must be >= 1, got {value}.")
+  if num_steps < 0:
+    raise ValueError(f"`config.train.num_steps` must be >= 0, got {num_steps}.")
 
   dataset = input_pipeline.load(config.data)
   model = create_model_from_config(config, dataset)
@@ -376,11 +395,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     state = TrainState(*state) if not isinstance(state, TrainState) else state
     logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
-    writer.truncate_after(latest)
-    if is_main and os.path.isdir(fig_dir):
-      for name in os.listdir(fig_dir):
-        if name.startswith("step_") and int(name[5:13]) > latest:
-          os.remove(os.path.join(fig_dir, name))
+  # Drop what a killed run logged after its last checkpoint (everything, if
+  # it was killed before its first one): the steps after it are rerun.
+  resumed_at = -1 if latest is None else latest
+  writer.truncate_after(resumed_at)
+  if is_main and os.path.isdir(fig_dir):
+    for name in os.listdir(fig_dir):
+      if name.startswith("step_") and int(name[5:13]) > resumed_at:
+        os.remove(os.path.join(fig_dir, name))
   start = int(jax.device_get(state.step))
 
   def save_st_outputs(step):
@@ -452,6 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       logging.info("step %d: test error %.2f%%, validation error %.2f%%", step,
                    metrics["test/error"], metrics["validation/error"])
     if is_ckpt:
+      _check_finite_params(state.params, step, config.seed, workdir)
       manager.save(step, args=ocp.args.StandardSave(state))
     if is_eval or is_ckpt:
       last_flush[:] = [time.perf_counter(), step]  # Keep eval/checkpoint time out of steps/s.

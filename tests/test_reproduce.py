@@ -74,6 +74,12 @@ def test_reproduce_records_skip_resume_and_table(tmp_path):
   text = make_table.main(["--results_dir", str(tmp_path / "results"), "--out", str(out),
                           "--plot", str(png)])
   assert out.read_text().strip() == text.strip() and png.stat().st_size > 0
+  assert "![paper vs measured](results.png)" in text
+  # Without --plot no chart is written or linked (the committed one stays as it is).
+  chart = os.path.join(REPO, "docs", "images", "results.png")
+  before = os.stat(chart).st_mtime_ns
+  assert "![" not in make_table.main(["--results_dir", str(tmp_path / "results")])
+  assert os.stat(chart).st_mtime_ns == before
   row = next(l for l in text.splitlines() if l.startswith("| `st_fcn_aff` |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
   errors = [records[("st_fcn_aff", s)]["test_error"] for s in (0, 1)]
@@ -84,6 +90,12 @@ def test_reproduce_records_skip_resume_and_table(tmp_path):
   assert "| 1.2 |" in cnn_row and "(1 seed)" in cnn_row  # Seed 1's record was removed above.
   assert "## Protocol `smoke`" in text and "synthetic" in text and "2 of 32 cells run" in text
   assert "Not run under `smoke` (0 of 4 cells)" in text  # TC.
+
+
+def test_eval_every_must_be_positive(capsys):
+  with pytest.raises(SystemExit):
+    reproduce.parse_args(["--variants", "R", "--eval_every", "0"])
+  assert "--eval_every must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_reduced_protocol_scales_the_step_decay():

@@ -71,6 +71,33 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert steps == [m["step"] for m in read_metrics(str(tmp_path / "full"))]
 
 
+def test_rerun_of_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
+  config = tiny_config(**{"train.num_steps": 10})
+  train.train_and_evaluate(config, str(tmp_path))
+  expected = read_metrics(str(tmp_path))
+  snapshots = sorted(os.listdir(tmp_path / "st_outputs"))
+  # What a run killed between its last log and its first checkpoint leaves:
+  # metrics and snapshots, no checkpoint.
+  for name in os.listdir(tmp_path / "checkpoints"):
+    subprocess.run(["rm", "-r", str(tmp_path / "checkpoints" / name)], check=True)
+  train.train_and_evaluate(config, str(tmp_path))
+  rerun = read_metrics(str(tmp_path))
+  assert [m["step"] for m in rerun] == [m["step"] for m in expected]  # Nothing twice.
+  for a, b in zip(rerun, expected):
+    assert a.get("train/loss") == b.get("train/loss") and a.get("test/loss") == b.get("test/loss")
+  assert sorted(os.listdir(tmp_path / "st_outputs")) == snapshots
+
+
+def test_non_finite_parameters_are_not_checkpointed(tmp_path):
+  # The loss of step 1 is finite (computed before the update); the update
+  # (an infinite learning rate) is not.
+  config = tiny_config(**{"train.lr": float("inf"), "train.optimizer": "sgd", "log_every": 1,
+                          "checkpoint_every": 1})
+  with pytest.raises(FloatingPointError, match=r"Non-finite parameters after step 1 "):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == []
+
+
 def test_non_finite_loss_raises_with_step(tmp_path):
   config = tiny_config(**{"train.lr": float("nan")})
   with pytest.raises(FloatingPointError, match=r"at step 2 "):
@@ -162,3 +189,9 @@ def test_config_validation(tmp_path):
     train.train_and_evaluate(tiny_config(**{"train.optimizer": "rmsprop"}), str(tmp_path))
   with pytest.raises(ValueError, match="preset"):
     distorted_mnist.get_config("preset=long")
+  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+               "eval_batch_size", "train.batch_size", "num_seeds"):
+    with pytest.raises(ValueError, match=rf"`config\.{name}` must be >= 1, got 0"):
+      train.train_and_evaluate(tiny_config(**{name: 0}), str(tmp_path / "zero"))
+  with pytest.raises(ValueError, match=r"`config\.train\.num_steps` must be >= 0, got -5"):
+    train.train_and_evaluate(tiny_config(**{"train.num_steps": -5}), str(tmp_path / "zero"))
