@@ -39,9 +39,9 @@
   `log_every` steps, eval metrics every `eval_every` steps and at the end);
 * `checkpoints/`: Orbax `CheckpointManager` (every `checkpoint_every` steps
   and at the end, `keep_checkpoints` kept). A run restarted with the same
-  workdir resumes from the latest checkpoint (dropping metrics and figure
-  snapshots logged after it) and ends with exactly the same parameters as an
-  uninterrupted run;
+  workdir resumes from the latest checkpoint, or starts afresh if there is
+  none, dropping the metrics and figure snapshots logged after it, and ends
+  with exactly the same parameters and metrics as an uninterrupted run;
 * `st_outputs/`: a fixed test batch (`inputs.npy`) and the first seed's
   transformer outputs on it at every eval step (`step_XXXXXXXX.npy`), for
   `stnjax.figures`.
