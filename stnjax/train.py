@@ -41,7 +41,8 @@
   and at the end, `keep_checkpoints` kept). A run restarted with the same
   workdir resumes from the latest checkpoint, or starts afresh if there is
   none, dropping the metrics and figure snapshots logged after it, and ends
-  with exactly the same parameters and metrics as an uninterrupted run;
+  with exactly the same parameters and metrics (timings aside) as an
+  uninterrupted run;
 * `st_outputs/`: a fixed test batch (`inputs.npy`) and the first seed's
   transformer outputs on it at every eval step (`step_XXXXXXXX.npy`), for
   `stnjax.figures`.
