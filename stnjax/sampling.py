@@ -548,7 +548,7 @@ def _pixel_coordinates(grid: tuple[jax.Array, ...], spec: _Spec, with_slopes: bo
     if spec.padding_mode == "reflection":
       # Reflection brings every finite coordinate (and every bicubic tap) into
       # the image, as PyTorch's does; only +-inf are replaced, by +-_FAR.
-      c = jnp.where(jnp.isinf(c), jnp.where(c > 0, _FAR, -_FAR), c).astype(c.dtype)
+      c = jnp.nan_to_num(c, posinf=_FAR, neginf=-_FAR)
     else:  # Zeros and border give the same at +-_FAR as anywhere beyond it.
       c = jnp.clip(c, -_FAR, _FAR)
     if spec.mode != "bicubic":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -79,7 +80,7 @@ def test_rerun_of_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_pat
   # What a run killed between its last log and its first checkpoint leaves:
   # metrics and snapshots, no checkpoint.
   for name in os.listdir(tmp_path / "checkpoints"):
-    subprocess.run(["rm", "-r", str(tmp_path / "checkpoints" / name)], check=True)
+    shutil.rmtree(tmp_path / "checkpoints" / name)
   train.train_and_evaluate(config, str(tmp_path))
   rerun = read_metrics(str(tmp_path))
   assert [m["step"] for m in rerun] == [m["step"] for m in expected]  # Nothing twice.
