@@ -6,7 +6,9 @@ Rows 1-4 are timed in `--rounds` interleaved rounds (the networks take
 turns, so machine noise hits them alike), each round the median over
 `--steps` timed steps after `--warmup`; the table gives the median over
 rounds. Each step is synchronised (`block_until_ready` / torch's eager CPU
-execution). Row 5 is timed once, after the others.
+execution, or `torch.cuda.synchronize` when torch runs on a GPU: torch takes
+CUDA when it has it, as JAX takes its default backend). Row 5 is timed once,
+after the others.
 
 1. torch: the PyTorch "Spatial Transformer Networks" tutorial network,
    written here from its description (classifier conv(1,10,5)-maxpool-relu-
@@ -66,6 +68,7 @@ from stnjax import models
 from stnjax import train
 
 BATCH = 64
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def median_steps_per_sec(step, warmup, steps):
@@ -124,16 +127,18 @@ class TorchNet(torch.nn.Module):
 def torch_step(use_st=True):
   """One synchronous training step of the torch tutorial network (a callable)."""
   torch.manual_seed(0)
-  model = TorchNet(use_st).train()
+  model = TorchNet(use_st).train().to(TORCH_DEVICE)
   opt = torch.optim.SGD(model.parameters(), lr=0.01)
-  x = torch.rand(BATCH, 1, 28, 28)
-  y = torch.randint(0, 10, (BATCH,))
+  x = torch.rand(BATCH, 1, 28, 28).to(TORCH_DEVICE)
+  y = torch.randint(0, 10, (BATCH,)).to(TORCH_DEVICE)
+  sync = torch.cuda.synchronize if TORCH_DEVICE == "cuda" else (lambda: None)
 
   def step():
     opt.zero_grad()
     loss = F.nll_loss(model(x), y)
     loss.backward()
     opt.step()
+    sync()
 
   return step
 
@@ -268,7 +273,7 @@ def main():
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}); "
         f"jax {jax.__version__}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), stnjax "
+        f"torch {torch.__version__} ({TORCH_DEVICE}, {torch.get_num_threads()} threads), stnjax "
         f"{stnjax.__version__}, python {sys.version.split()[0]}; load average "
         f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of "
         f"{args.steps} steps\n")
