@@ -21,13 +21,18 @@ def split_batch(x: jax.Array, core_rank: int, name: str) -> tuple[tuple[int, ...
   return tuple(x.shape[:x.ndim - core_rank]), tuple(x.shape[x.ndim - core_rank:])
 
 
-def broadcast_batch(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-  """Broadcasts named batch shapes; the error names every argument and its batch shape."""
+def broadcast_batch(shapes: dict[str, tuple[int, ...]], *, what: str = "Batch dimensions",
+                    label: str = "batch dims ") -> tuple[int, ...]:
+  """Broadcasts named batch shapes; the error names every argument and its batch shape.
+
+  `what` and `label` word the error (`{what} do not broadcast: `{name}`
+  {label}{shape}, ...`) for shapes that are not batch shapes.
+  """
   try:
     return tuple(jnp.broadcast_shapes(*shapes.values()))
   except ValueError:
-    described = ", ".join(f"`{k}` batch dims {v}" for k, v in shapes.items())
-    raise ValueError(f"Batch dimensions do not broadcast: {described}.") from None
+    described = ", ".join(f"`{k}` {label}{v}" for k, v in shapes.items())
+    raise ValueError(f"{what} do not broadcast: {described}.") from None
 
 
 def batched_apply(fn: Callable[..., jax.Array], args: Sequence[jax.Array],

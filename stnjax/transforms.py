@@ -24,11 +24,8 @@ from stnjax import _batching
 def _broadcast_params(**params) -> list[jax.Array]:
   """Float arrays broadcast to one shape; the error names each argument and its shape."""
   arrays = {k: jnp.asarray(v, jnp.result_type(float, v)) for k, v in params.items()}
-  try:
-    shape = jnp.broadcast_shapes(*(a.shape for a in arrays.values()))
-  except ValueError:
-    described = ", ".join(f"`{k}` {a.shape}" for k, a in arrays.items())
-    raise ValueError(f"The parameters do not broadcast to one shape: {described}.") from None
+  shape = _batching.broadcast_batch({k: a.shape for k, a in arrays.items()},
+                                    what="The parameters' shapes", label="")
   return [jnp.broadcast_to(a, shape) for a in arrays.values()]
 
 
