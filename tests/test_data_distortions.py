@@ -1,5 +1,7 @@
 """Distortions: determinism, shapes, labels, parameter distributions, identity, placement, clutter."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,3 +254,35 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(pool):
     data.sample_train_batch("r", key, images, labels[:7], 4)
   with pytest.raises(ValueError, match="`keys`"):
     data.distort("r", jax.random.split(key, 3), jnp.arange(4), images, labels)
+
+
+def test_quad_is_well_formed_hand_cases():
+  rule = distortions.QuadRule()
+  square = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32)
+  def ok(quad, scale=1.0):
+    return bool(distortions.quad_is_well_formed(jnp.asarray(quad, jnp.float32), scale, rule))
+  assert ok(square) and ok(0.8 * square, 0.8)
+  assert ok(square + np.array([[0.1, 0.05], [-0.1, 0.0], [0.05, -0.1], [0.0, 0.1]]))
+  assert not ok(square[[0, 2, 1, 3]])                 # Folded over (a bow tie).
+  assert not ok(square[::-1])                         # Mirrored.
+  assert not ok(square * [1, 0.2])                    # Area 20% of the box: a streak.
+  assert not ok([[-1, -1], [1, -1], [0.05, 0.05], [-1, 1]])  # A corner near the diagonal.
+  # A trapezoid whose top edge is 1/5 of its bottom edge: strong perspective
+  # (w ratio 5 at the corners) although convex, with every angle >= 25 degrees.
+  trapezoid = [[-0.2, -1], [0.2, -1], [1, 1], [-1, 1]]
+  assert not ok(trapezoid)
+  assert ok([[-0.7, -1], [0.7, -1], [1, 1], [-1, 1]])  # Mild perspective (ratio 1.4).
+
+
+def test_p_draws_are_well_formed_and_literal_draws_are_not(pool):
+  params = batch(pool, "p")[2]
+  v = data.get_variant("p")
+  quads = distortions.projective_target(params["scale"], params["corner_offsets"], 28)
+  assert np.all(distortions.quad_is_well_formed(quads, params["scale"], v.quad_rule))
+  # The protocol taken literally (no redraw) folds or squeezes some quads.
+  literal = dataclasses.replace(v, quad_rule=None)
+  key = jax.random.key(0)
+  raw = data.sample_train_batch(literal, key, *pool, 4 * B, return_params=True)[2]
+  quads = distortions.projective_target(raw["scale"], raw["corner_offsets"], 28)
+  rejected = ~np.asarray(distortions.quad_is_well_formed(quads, raw["scale"], v.quad_rule))
+  assert 0.05 < rejected.mean() < 0.25, rejected.mean()

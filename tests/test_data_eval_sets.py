@@ -1,5 +1,6 @@
 """Fixed evaluation sets: recorded SHA-256, jit vs op-by-op, chunking, TFDS round trip."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -107,3 +108,25 @@ def test_load_eval_set_rejects_bad_arguments(tmp_path):
     data.load_eval_set("rts", "train", tmp_path)
   with pytest.raises(ValueError, match="`variant` must be one of"):
     data.load_eval_set("Q", "test", tmp_path)
+
+
+def _ink_kept(images, digits):
+  """Each distorted image's ink as a fraction of its source digit's."""
+  return (images.reshape(len(images), -1).sum(axis=1, dtype=np.float64)
+          / digits.reshape(len(digits), -1).sum(axis=1, dtype=np.float64))
+
+
+def test_no_p_image_loses_its_digit(mnist_cache):
+  splits = mnist_cache[1]
+  for split in data.EVAL_SPLITS:
+    images, _, params = support.eval_set(splits, "p", split)
+    kept = _ink_kept(images, splits[split].images)
+    assert kept.min() > 0.15, (split, kept.min(), np.argmin(kept))
+  # The same test digits with the protocol taken literally (no redraw): the
+  # check above would catch the folded and squeezed quads.
+  literal = dataclasses.replace(data.get_variant("p"), quad_rule=None)
+  digits = splits["test"]
+  images, _ = data.generate_eval_set(literal, digits.images, digits.labels,
+                                     seed=distorted_mnist.SEEDS["test"])
+  lost = _ink_kept(images, digits.images) < 0.15
+  assert 100 < lost.sum() < 500, lost.sum()

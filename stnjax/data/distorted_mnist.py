@@ -53,7 +53,7 @@ from stnjax.data import mnist
 EVAL_SPLITS = ("validation", "test")
 SEEDS = {"validation": 1, "test": 2}
 
-# SHA-256 of each generated set for VERSION 1.0.0 (eval_set_sha256), computed
+# SHA-256 of each generated set for VERSION 1.1.0 (eval_set_sha256), computed
 # with jax/jaxlib 0.10.2 on CPU (x86-64), jit and op-by-op.
 EVAL_SHA256 = {
     "none": {
@@ -69,8 +69,8 @@ EVAL_SHA256 = {
         "test": "3b9cd857b3677b62428ecbf003260ad324e1178234e99d2a6429b31f1ee37fde",
     },
     "p": {
-        "validation": "99e371d29a08b31ef9712bc0abfaf79a0531ccec32144cd3f358819c6a730aa4",
-        "test": "0a0749a691aa43164da5a2a8a17184b5eb2178b4b73a910895423fff4cdbda4e",
+        "validation": "035e5ee58480493638b2044c2a9e0926babd6e58fdd2d67b1f9656379055c139",
+        "test": "82d9524f6b81a1c93b231b2dfb0ef8bfadda0281b528b328766b9b9e2b8136d3",
     },
     "e": {
         "validation": "37fc5f21cd9812aa30217ea1303280fc65131a45bbc8a4430f920993cdcfe62e",
@@ -170,8 +170,12 @@ class DistortedMnist(tfds.core.GeneratorBasedBuilder):
   record new hashes).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: validation and test sets of 8 variants."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: validation and test sets of 8 variants.",
+      "1.1.0": "P redraws corner offsets that fold the quad or squeeze the digit "
+               "(distortions.QuadRule); the other variants are unchanged.",
+  }
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=v.name, description=v.description)
                      for v in distortions.VARIANTS.values()]
   # See StnjaxMnist.code_path: avoids TFDS's undeclared importlib_resources import.
