@@ -265,7 +265,8 @@ def num_params(config):
   input_shape = (size, size, channels)
   m = config.model
   model = models.create_model(m.name, input_shape, num_classes, width=m.get("width"),
-                              param_budget=m.get("param_budget"), st_pool=m.get("st_pool", 1))
+                              param_budget=m.get("param_budget"), st_pool=m.get("st_pool", 1),
+                              padding=m.get("padding", "SAME"))
   return models.count_params(model, input_shape)
 
 

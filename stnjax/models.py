@@ -36,16 +36,28 @@ addition experiment): `fcn`, `cnn`, `st_fcn_{aff,proj,tps,att,rts}`,
 parallel transformers whose outputs are concatenated along channels (the
 paper's 2xST-FCN for MNIST addition is `2st_fcn_aff` etc.).
 
-Architecture choices (REFERENCE.md section 1; UNVERIFIED details documented):
+Architecture choices (the paper's Appendix A.4 and the public re-implementations;
+UNVERIFIED details documented):
 
 * FCN: `Dense(w) -> ReLU -> Dense(w) -> ReLU -> Dense(num_classes)`.
 * CNN: `Conv(w, 9x9) -> ReLU -> maxpool 2 -> Conv(w, 7x7) -> ReLU -> maxpool 2
-  -> Dense(num_classes)`; 'SAME' padding for convolutions and pools (odd sizes
-  round up: 21 -> 11).
+  -> Dense(num_classes)`.
+* Padding (`padding`, one knob for every convolution of a model): "VALID"
+  (the default) leaves convolutions unpadded, as the public re-implementations
+  that state the layout do (luuf/stn-placement, hvy's chainer
+  spatial-transformer-networks, the Lasagne recipe): 28 -> 20 -> 10 -> 4 -> 2
+  for the CNN, 7-8x fewer multiply-adds than "SAME" at 400k parameters.
+  "SAME" pads every convolution (the earlier stnjax layout). Max pools keep a
+  partial last window (ceil: 13 -> 7) in both, so that every paper input
+  leaves a spatial map: the ST-CNN's classifier on RTS sees the 21x21 pooled
+  transformer output, 21 -> 13 -> 7 -> 1 -> 1, where floor pooling
+  (13 -> 6) would leave the 7x7 convolution nothing to cover; its second
+  convolution then acts as a fully connected layer over the 7x7 map.
 * ST-FCN localisation: three `Dense(32) -> ReLU` layers (the paper says "fully
   connected layers of 32 units"; the number of layers is UNVERIFIED).
 * ST-CNN localisation: `avgpool 2 -> Conv(20, 5x5) -> ReLU -> maxpool 2 ->
-  Conv(20, 5x5) -> ReLU -> Dense(20) -> ReLU`; 'SAME' padding (UNVERIFIED).
+  Conv(20, 5x5) -> ReLU -> Dense(20) -> ReLU`, padded as the classifier
+  (luuf/stn-placement leaves it unpadded too: 28 -> 14 -> 10 -> 5 -> 1).
 * The width `w` of the classifier is the one free knob: `create_model` picks
   it so that the whole model has about `param_budget` parameters (the paper:
   about 400k for every model in a table row).
@@ -77,13 +89,14 @@ TRANSFORMS = ("affine", "projective", "tps", "attention", "rts")
 TRANSFORM_SUFFIXES = {"aff": "affine", "proj": "projective", "tps": "tps",
                       "att": "attention", "rts": "rts"}
 
-# The paper's localisation networks (REFERENCE.md section 1).
+# The paper's localisation networks (Appendix A.4).
 FC_LOCALISATION_FEATURES = (32, 32, 32)
 CONV_LOCALISATION_FEATURES = (20, 20)
 CONV_LOCALISATION_KERNEL = (5, 5)
 CONV_LOCALISATION_DENSE = 20
 CONV_LOCALISATION_DOWNSAMPLE = 2
 TPS_LATTICE = 4  # 4 x 4 = 16 control points.
+PADDINGS = ("VALID", "SAME")
 
 # `nn.Conv` with a faster input gradient on CPU (same parameters and values;
 # see stnjax/layers.py).
@@ -148,6 +161,16 @@ def _check_images(x: jax.Array, name: str = "x") -> None:
                      f"got shape {x.shape}.")
 
 
+def _check_fits(x: jax.Array, kernel_size: tuple[int, int], padding: str, where: str) -> None:
+  """An unpadded convolution needs a feature map at least as large as its kernel."""
+  if padding not in PADDINGS:
+    raise ValueError(f"`padding` of {where} must be one of {PADDINGS}, got {padding!r}.")
+  if padding == "VALID" and (x.shape[1] < kernel_size[0] or x.shape[2] < kernel_size[1]):
+    raise ValueError(f"{where}: a {kernel_size[0]}x{kernel_size[1]} 'VALID' convolution does "
+                     f"not fit its {x.shape[1]}x{x.shape[2]} input feature map; use a larger "
+                     f"input or padding='SAME'.")
+
+
 class SpatialTransformer(nn.Module):
   """Localisation net + identity-initialised regression + grid generator + bilinear sampler.
 
@@ -206,6 +229,7 @@ class ConvLocalisation(nn.Module):
   kernel_size: tuple[int, int] = CONV_LOCALISATION_KERNEL
   dense: int = CONV_LOCALISATION_DENSE
   downsample: int = CONV_LOCALISATION_DOWNSAMPLE
+  padding: str = "VALID"
 
   @nn.compact
   def __call__(self, x):
@@ -216,7 +240,8 @@ class ConvLocalisation(nn.Module):
     for i, f in enumerate(self.features):
       if i:
         x = layers.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-      x = nn.relu(Conv(f, self.kernel_size, padding="SAME")(x))
+      _check_fits(x, self.kernel_size, self.padding, "ConvLocalisation")
+      x = nn.relu(Conv(f, self.kernel_size, padding=self.padding)(x))
     x = x.reshape(x.shape[0], -1)
     return nn.relu(nn.Dense(self.dense)(x))
 
@@ -235,10 +260,15 @@ class FCN(nn.Module):
 
 
 class CNN(nn.Module):
-  """Conv classifier: `Conv(f, k) -> ReLU -> maxpool 2` per layer, then `Dense(num_classes)`."""
+  """Conv classifier: `Conv(f, k) -> ReLU -> maxpool 2` per layer, then `Dense(num_classes)`.
+
+  Convolutions are padded by `padding` ("VALID" or "SAME"); pools keep a
+  partial last window (see the module docstring).
+  """
   features: Sequence[int]
   kernel_sizes: Sequence[tuple[int, int]]
   num_classes: int
+  padding: str = "VALID"
 
   @nn.compact
   def __call__(self, x):
@@ -247,7 +277,8 @@ class CNN(nn.Module):
       raise ValueError(f"`features` {self.features} and `kernel_sizes` {self.kernel_sizes} "
                        "must have the same length.")
     for f, k in zip(self.features, self.kernel_sizes):
-      x = nn.relu(Conv(f, tuple(k), padding="SAME")(x))
+      _check_fits(x, tuple(k), self.padding, "CNN")
+      x = nn.relu(Conv(f, tuple(k), padding=self.padding)(x))
       x = layers.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes)(x)
@@ -299,17 +330,20 @@ def parse_model_name(name: str) -> tuple[int, str, str | None]:
 
 
 def _build(name: str, input_shape: tuple[int, int, int], num_classes: int, width: int,
-           st_pool: int) -> nn.Module:
+           st_pool: int, padding: str) -> nn.Module:
   num_st, classifier_kind, transform = parse_model_name(name)
   if classifier_kind == "fcn":
     classifier = FCN(hidden=(width, width), num_classes=num_classes)
   else:
     classifier = CNN(features=(width, width), kernel_sizes=((9, 9), (7, 7)),
-                     num_classes=num_classes)
+                     num_classes=num_classes, padding=padding)
   if not num_st:
     return classifier
-  loc = FCLocalisation if classifier_kind == "fcn" else ConvLocalisation
-  sts = tuple(SpatialTransformer(localisation=loc(), transform=transform,
+  if classifier_kind == "fcn":
+    loc = FCLocalisation()
+  else:
+    loc = ConvLocalisation(padding=padding)
+  sts = tuple(SpatialTransformer(localisation=loc, transform=transform,
                                  output_size=tuple(input_shape[:2]))
               for _ in range(num_st))
   return STClassifier(transformers=sts, classifier=classifier, pool=st_pool)
@@ -323,10 +357,11 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 
 def solve_width(name: str, input_shape: Sequence[int], num_classes: int, param_budget: int, *,
-                st_pool: int = 1, max_width: int = 4096) -> int:
+                st_pool: int = 1, padding: str = "VALID", max_width: int = 4096) -> int:
   """The classifier width whose model has the parameter count closest to `param_budget`."""
   input_shape = tuple(int(s) for s in input_shape)
-  count = lambda w: count_params(_build(name, input_shape, num_classes, w, st_pool), input_shape)
+  count = lambda w: count_params(_build(name, input_shape, num_classes, w, st_pool, padding),
+                                 input_shape)
   lo, hi = 1, max_width
   if count(lo) >= param_budget:
     raise ValueError(f"`param_budget`={param_budget} is below the smallest {name!r} model "
@@ -342,7 +377,7 @@ def solve_width(name: str, input_shape: Sequence[int], num_classes: int, param_b
 
 def create_model(name: str, input_shape: Sequence[int], num_classes: int, *,
                  width: int | None = None, param_budget: int | None = None,
-                 st_pool: int = 1) -> nn.Module:
+                 st_pool: int = 1, padding: str = "VALID") -> nn.Module:
   """Builds one of the paper's models (see the module docstring for names).
 
   Args:
@@ -356,6 +391,8 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, *,
     st_pool: average-pool factor applied to the transformer output before the
       classifier (the paper: 2 for RTS and TC, 1 otherwise). Ignored without
       transformers.
+    padding: "VALID" (unpadded convolutions, the public re-implementations'
+      layout) or "SAME", for every convolution of the model.
 
   Returns:
     A flax module mapping `(B, H, W, C)` float images to `(B, num_classes)` logits.
@@ -368,10 +405,13 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, *,
     raise ValueError(f"`num_classes` must be positive, got {num_classes}.")
   if st_pool < 1:
     raise ValueError(f"`st_pool` must be >= 1, got {st_pool}.")
+  if padding not in PADDINGS:
+    raise ValueError(f"`padding` must be one of {PADDINGS}, got {padding!r}.")
   if (width is None) == (param_budget is None):
     raise ValueError(f"Give exactly one of `width` ({width}) and `param_budget` ({param_budget}).")
   if width is None:
-    width = solve_width(name, input_shape, num_classes, param_budget, st_pool=st_pool)
+    width = solve_width(name, input_shape, num_classes, param_budget, st_pool=st_pool,
+                        padding=padding)
   if width < 1:
     raise ValueError(f"`width` must be positive, got {width}.")
-  return _build(name, input_shape, num_classes, int(width), st_pool)
+  return _build(name, input_shape, num_classes, int(width), st_pool, padding)

@@ -112,7 +112,9 @@ def create_model_from_config(config, dataset):
   m = config.model
   return models.create_model(m.name, dataset.input_shape, dataset.num_classes,
                              width=m.get("width"), param_budget=m.get("param_budget"),
-                             st_pool=m.get("st_pool", 1))
+                             st_pool=m.get("st_pool", 1),
+                             # Configs written before the knob existed used "SAME".
+                             padding=m.get("padding", "SAME"))
 
 
 def _cross_entropy(logits, labels):
