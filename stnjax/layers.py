@@ -13,7 +13,7 @@
   layer) is convolved as fused multiply-adds, 2.3x to 3.7x faster than
   XLA's convolution there (scripts/bench_ablations.py, six runs on
   2026-11-21, one pinned to one core). On CPU they are computed in a loop
-  of their own (`_fusion.own_loop_on_cpu`): fused into the max pool that
+  of their own (`_cpu_kernels.own_loop_on_cpu`): fused into the max pool that
   follows, the same multiply-adds ran 3x slower (bench_ablations.py too).
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stnjax import _fusion
+from stnjax import _cpu_kernels
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The hand-written VJP is used up to this many kernel taps x input channels:
@@ -96,7 +96,7 @@ def _conv2d(x, w, padding):
     # a network's first layer), where they ran about 3x slower than alone
     # (conv + 2x2 max pool forward, 32x28x28 -> 8 channels, one core: 1.0 vs
     # 0.34 ms): computed in a loop of their own instead.
-    return _fusion.own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
+    return _cpu_kernels.own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
   return _conv(x, w, padding)
 
 
