@@ -121,7 +121,7 @@ def smooth_case(rng, align_corners):
   return image, grid, cotangent
 
 
-# Jitted public API for tests with one-off shapes: eager JAX compiles every
+# Jitted public API for tests with shapes of their own: eager JAX compiles every
 # primitive separately for each new shape (about 1 s for one bilinear call
 # here), one fused program compiles several times faster. Tests that share the
 # SHAPES_* above run eagerly and reuse those per-primitive compilations.
