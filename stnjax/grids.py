@@ -78,13 +78,10 @@ def _apply_matrix(matrix: jax.Array, points: jax.Array) -> list[jax.Array]:
   projective grids, the TPS basis (k = K control points) for TPS grids. Each
   row is its own matrix-vector product, so under `vmap` it becomes one plain
   `(batch, k) @ (k, P)` GEMM whose gradient is again a GEMM. Broadcast
-  multiply-adds made the theta gradient a reduction on XLA:CPU, 3.0x and
-  3.5x slower for a batch of 256 60x60 grids in two runs of
-  scripts/bench_ablations.py, and a batched einsum a slow batched matmul.
-  One GEMM for all rows (`matrix @ points.T`, rows sliced out after) made
-  the 256x28x28x1 affine warp (grid + sample) 1.75x slower pinned to one
-  core (0.68-0.69 against 0.39 ms) and about 1.3x slower on two (0.92x
-  to 1.67x per round; one-off, 2026-11-21).
+  multiply-adds make the theta gradient a reduction on XLA:CPU (about 3x
+  slower), a batched einsum a slow batched matmul, and one GEMM for all
+  rows with the rows sliced out after a slower warp (docs/performance.md,
+  "Grids").
   """
   return [jnp.dot(matrix[i], points.T, precision=jax.lax.Precision.HIGHEST)
           for i in range(matrix.shape[0])]

@@ -7,24 +7,22 @@
   round-off. XLA:CPU lowers the input gradient of a convolution with few
   input channels to a slow transposed convolution; the VJP here computes it
   as a matrix product of the output cotangent with the kernel followed by a
-  sum of shifted copies ("col2im"): 4.6x to 5.8x faster for a 5x5, 1 -> 10
-  channel conv at batch 64 on 28x28. The kernel gradient keeps XLA's own
-  convolution, which is fast. A single-channel input (a network's first
-  layer) is convolved as fused multiply-adds, 2.3x to 3.7x faster than
-  XLA's convolution there (scripts/bench_ablations.py, six runs on
-  2026-11-21, one pinned to one core). On CPU they are computed in a loop
-  of their own (`_fusion.own_loop_on_cpu`): fused into the max pool that
-  follows, the same multiply-adds ran 3x slower (bench_ablations.py too).
+  sum of shifted copies ("col2im"), several times faster for the STN
+  tutorial's 5x5, 1 -> 10 channel layer. The kernel gradient keeps XLA's
+  own convolution, which is fast. A single-channel input (a network's first
+  layer) is convolved as fused multiply-adds, faster than XLA's convolution
+  there, and on CPU in a loop of their own (`_cpu_kernels.own_loop_on_cpu`):
+  fused into the max pool that follows, they ran several times slower.
+  Re-run: `python -m scripts.bench.bench_ablations --rows conv`.
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
   max through a variadic reduce-window over index arrays; the reshape form
-  differentiates elementwise (the STN tutorial's training step: 1.10x to
-  1.34x faster in six runs of bench_ablations.py, e.g. 15.1 vs 11.3 ms
-  and 9.68 vs 8.80 ms). Ties
+  differentiates elementwise, which makes the STN tutorial's training step
+  faster (`python -m scripts.bench.bench_ablations --rows max_pool`). Ties
   within a window share the gradient equally (the window's maximum is
   still the value).
 
-`scripts/bench_train.py` measures the effect on a whole training step.
+`python -m scripts.bench.bench_train` measures the effect on a whole training step.
 """
 
 import functools
@@ -36,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stnjax import _fusion
+from stnjax import _cpu_kernels
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The hand-written VJP is used up to this many kernel taps x input channels:
@@ -66,8 +64,8 @@ def _conv(x, w, padding):
 def _conv_one_input_channel(x, w, padding):
   """The convolution of a single-channel input as kh * kw broadcast multiply-adds.
 
-  XLA fuses them into one loop: 2.3x to 3.7x faster than its convolution on CPU for
-  a 5x5, 1 -> 10 channel conv at batch 64 on 28x28 (bench_ablations.py).
+  XLA fuses them into one loop, faster than its convolution on CPU for a
+  first layer (`python -m scripts.bench.bench_ablations --rows conv`).
   """
   kh, kw = w.shape[:2]
   x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
@@ -93,10 +91,9 @@ def _conv_as_matmul(x, w, padding):
 def _conv2d(x, w, padding):
   if x.shape[-1] == 1:
     # XLA:CPU fuses these multiply-adds into each consumer (the max pool after
-    # a network's first layer), where they ran about 3x slower than alone
-    # (conv + 2x2 max pool forward, 32x28x28 -> 8 channels, one core: 1.0 vs
-    # 0.34 ms): computed in a loop of their own instead.
-    return _fusion.own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
+    # a network's first layer), where they run several times slower than
+    # alone: computed in a loop of their own instead.
+    return _cpu_kernels.own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
   return _conv(x, w, padding)
 
 

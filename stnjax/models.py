@@ -14,21 +14,8 @@ Conventions:
   parameters under `("intermediates", "theta")`; read them with
   `model.apply(variables, x, mutable=["intermediates"])`.
 
-Transform parameterisations (the regression layer's outputs, per example):
-
-=============  ======  ===========================================================
-transform      params  meaning / identity
-=============  ======  ===========================================================
-"affine"       6       `theta (2, 3)` row-major; identity `eye(2, 3)`
-"projective"   8       the homography's first 8 entries row-major, `h_33 = 1` fixed
-                       (the projective group has 8 degrees of freedom); identity
-                       `eye(3)[:8]`
-"tps"          32      16 source control points `(x, y)` of the 4x4 lattice
-                       (`stnjax.tps_control_points(4)`, x fastest); identity = the
-                       lattice itself
-"attention"    3       `(s, tx, ty)`: isotropic scale + translation; identity (1, 0, 0)
-"rts"          4       `(angle, s, tx, ty)` (radians); identity (0, 1, 0, 0)
-=============  ======  ===========================================================
+The regression layer's outputs are the flat parameters of
+`stnjax.transforms.transform_grid` (its docstring tables them per transform).
 
 Model names understood by `create_model` (the paper's Table 1 and the
 addition experiment): `fcn`, `cnn`, `st_fcn_{aff,proj,tps,att,rts}`,
@@ -36,8 +23,8 @@ addition experiment): `fcn`, `cnn`, `st_fcn_{aff,proj,tps,att,rts}`,
 parallel transformers whose outputs are concatenated along channels (the
 paper's 2xST-FCN for MNIST addition is `2st_fcn_aff` etc.).
 
-Architecture choices (the paper's Appendix A.4 and the public re-implementations;
-UNVERIFIED details documented):
+Architecture choices (Jaderberg et al. 2015, Appendix A, and the public
+re-implementations; UNVERIFIED: not stated there):
 
 * FCN: `Dense(w) -> ReLU -> Dense(w) -> ReLU -> Dense(num_classes)`.
 * CNN: `Conv(w, 9x9) -> ReLU -> maxpool 2 -> Conv(w, 7x7) -> ReLU -> maxpool 2
@@ -70,7 +57,6 @@ UNVERIFIED details documented):
 """
 
 import functools
-import math
 import re
 from collections.abc import Sequence
 
@@ -79,80 +65,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stnjax import grids
 from stnjax import layers
 from stnjax import sampling
-from stnjax import transforms
+# Parameters -> grid live in `transforms`; re-exported here for older callers.
+from stnjax.transforms import TPS_LATTICE
+from stnjax.transforms import TRANSFORMS
+from stnjax.transforms import identity_params
+from stnjax.transforms import transform_grid
 
-TRANSFORMS = ("affine", "projective", "tps", "attention", "rts")
 # Model-name suffix -> transform type.
 TRANSFORM_SUFFIXES = {"aff": "affine", "proj": "projective", "tps": "tps",
                       "att": "attention", "rts": "rts"}
 
-# The paper's localisation networks (Appendix A.4).
+# The paper's localisation networks (Jaderberg et al. 2015, Appendix A).
 FC_LOCALISATION_FEATURES = (32, 32, 32)
 CONV_LOCALISATION_FEATURES = (20, 20)
 CONV_LOCALISATION_KERNEL = (5, 5)
 CONV_LOCALISATION_DENSE = 20
 CONV_LOCALISATION_DOWNSAMPLE = 2
-TPS_LATTICE = 4  # 4 x 4 = 16 control points.
 PADDINGS = ("VALID", "SAME")
 
 # `nn.Conv` with a faster input gradient on CPU (same parameters and values;
 # see stnjax/layers.py).
 Conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)
-
-
-def identity_params(transform: str, *, tps_lattice: int = TPS_LATTICE) -> np.ndarray:
-  """The flat identity parameters of `transform` (float32 numpy, see the module table)."""
-  if transform == "affine":
-    p = np.eye(2, 3).ravel()
-  elif transform == "projective":
-    p = np.eye(3).ravel()[:8]
-  elif transform == "tps":
-    p = grids.tps_control_points(tps_lattice).ravel()
-  elif transform == "attention":
-    p = np.array([1.0, 0.0, 0.0])
-  elif transform == "rts":
-    p = np.array([0.0, 1.0, 0.0, 0.0])
-  else:
-    raise ValueError(f"`transform` must be one of {TRANSFORMS}, got {transform!r}.")
-  return p.astype(np.float32)
-
-
-def transform_grid(transform: str, params: jax.Array, out_shape: Sequence[int], *,
-                   align_corners: bool = False) -> jax.Array:
-  """Sampling grid `(..., H_out, W_out, 2)` from flat parameters `(..., P)` of `transform`."""
-  params = jnp.asarray(params)
-  lead = params.shape[:-1]
-  if lead and math.prod(lead) == 1:
-    # Work around stnjax._batching.batched_apply, which fails (empty vmap) when
-    # every batch dimension is 1: build the single grid, then restore the dims.
-    grid = transform_grid(transform, params.reshape(params.shape[-1:]), out_shape,
-                          align_corners=align_corners)
-    return grid.reshape(lead + grid.shape)
-  size = identity_params(transform).size if transform != "tps" else None
-  if transform == "tps":
-    if params.shape[-1] % 2:
-      raise ValueError(f"`params` of a TPS transform must hold (x, y) pairs, got {params.shape}.")
-    points = params.reshape(params.shape[:-1] + (params.shape[-1] // 2, 2))
-    return grids.tps_grid(points, out_shape, align_corners=align_corners)
-  if transform not in TRANSFORMS:
-    raise ValueError(f"`transform` must be one of {TRANSFORMS}, got {transform!r}.")
-  if params.shape[-1:] != (size,):
-    raise ValueError(f"`params` of a {transform!r} transform must have shape (..., {size}), "
-                     f"got {params.shape}.")
-  if transform == "projective":
-    h = jnp.concatenate([params, jnp.ones_like(params[..., :1])], axis=-1)
-    return grids.projective_grid(h.reshape(h.shape[:-1] + (3, 3)), out_shape,
-                                 align_corners=align_corners)
-  if transform == "affine":
-    theta = params.reshape(params.shape[:-1] + (2, 3))
-  elif transform == "attention":
-    theta = transforms.attention_theta(params[..., 0], params[..., 1], params[..., 2])
-  else:  # rts
-    theta = transforms.rts_theta(params[..., 0], params[..., 1], params[..., 2], params[..., 3])
-  return grids.affine_grid(theta, out_shape, align_corners=align_corners)
 
 
 def _check_images(x: jax.Array, name: str = "x") -> None:

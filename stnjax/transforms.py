@@ -14,11 +14,18 @@ appears rotated counter-clockwise: `rts_theta(pi / 2, 1, 0, 0)` equals
 Scalar arguments broadcast against each other (any leading shape).
 """
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stnjax import _batching
+from stnjax import grids
+
+# Parameterisations understood by `identity_params` and `transform_grid`.
+TRANSFORMS = ("affine", "projective", "tps", "attention", "rts")
+TPS_LATTICE = 4  # The default TPS: 4 x 4 = 16 control points.
 
 
 def _broadcast_params(**params) -> list[jax.Array]:
@@ -109,3 +116,68 @@ def homography_from_points(target: jax.Array, source: jax.Array) -> jax.Array:
 def corners(dtype=np.float32) -> np.ndarray:
   """The 4 image corners `(x, y)` in normalised coordinates, `(4, 2)`: TL, TR, BR, BL."""
   return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype)
+
+
+def identity_params(transform: str, *, tps_lattice: int = TPS_LATTICE) -> np.ndarray:
+  """The flat identity parameters of `transform` (float32 numpy, see the module table)."""
+  if transform == "affine":
+    p = np.eye(2, 3).ravel()
+  elif transform == "projective":
+    p = np.eye(3).ravel()[:8]
+  elif transform == "tps":
+    p = grids.tps_control_points(tps_lattice).ravel()
+  elif transform == "attention":
+    p = np.array([1.0, 0.0, 0.0])
+  elif transform == "rts":
+    p = np.array([0.0, 1.0, 0.0, 0.0])
+  else:
+    raise ValueError(f"`transform` must be one of {TRANSFORMS}, got {transform!r}.")
+  return p.astype(np.float32)
+
+
+def transform_grid(transform: str, params: jax.Array, out_shape: Sequence[int], *,
+                   align_corners: bool = False) -> jax.Array:
+  """Sampling grid `(..., H_out, W_out, 2)` from flat parameters `(..., P)` of `transform`.
+
+  The parameterisations (a spatial transformer's regression outputs, per example):
+
+  =============  ======  =========================================================
+  transform      params  meaning / identity
+  =============  ======  =========================================================
+  "affine"       6       `theta (2, 3)` row-major; identity `eye(2, 3)`
+  "projective"   8       the homography's first 8 entries row-major, `h_33 = 1`
+                         fixed (the projective group has 8 degrees of freedom);
+                         identity `eye(3)[:8]`
+  "tps"          2K      K source control points `(x, y)`, by default the 4x4
+                         lattice (`tps_control_points(4)`, x fastest, 32 params);
+                         identity = the lattice itself
+  "attention"    3       `(s, tx, ty)`: isotropic scale + translation; identity
+                         (1, 0, 0)
+  "rts"          4       `(angle, s, tx, ty)` (radians); identity (0, 1, 0, 0)
+  =============  ======  =========================================================
+
+  Leading batch dimensions of `params` (any, sizes 1 included) are the grid's.
+  """
+  params = jnp.asarray(params)
+  size = identity_params(transform).size if transform != "tps" else None
+  if transform == "tps":
+    if params.shape[-1] % 2:
+      raise ValueError(f"`params` of a TPS transform must hold (x, y) pairs, got {params.shape}.")
+    points = params.reshape(params.shape[:-1] + (params.shape[-1] // 2, 2))
+    return grids.tps_grid(points, out_shape, align_corners=align_corners)
+  if transform not in TRANSFORMS:
+    raise ValueError(f"`transform` must be one of {TRANSFORMS}, got {transform!r}.")
+  if params.shape[-1:] != (size,):
+    raise ValueError(f"`params` of a {transform!r} transform must have shape (..., {size}), "
+                     f"got {params.shape}.")
+  if transform == "projective":
+    h = jnp.concatenate([params, jnp.ones_like(params[..., :1])], axis=-1)
+    return grids.projective_grid(h.reshape(h.shape[:-1] + (3, 3)), out_shape,
+                                 align_corners=align_corners)
+  if transform == "affine":
+    theta = params.reshape(params.shape[:-1] + (2, 3))
+  elif transform == "attention":
+    theta = attention_theta(params[..., 0], params[..., 1], params[..., 2])
+  else:  # rts
+    theta = rts_theta(params[..., 0], params[..., 1], params[..., 2], params[..., 3])
+  return grids.affine_grid(theta, out_shape, align_corners=align_corners)

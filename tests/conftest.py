@@ -20,9 +20,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # controller makes an empty directory, pytest-xdist's workers inherit its
 # path, and it is removed at the end, so every run starts cold and no state
 # outlives it. An executable from the cache is the one the compiler made
-# (same HLO, options and flags make the key). tests/test_train.py,
-# test_reproduce.py and test_models.py on two workers: 91 and 99 s with it,
-# 120 and 127 s without (two alternating pairs, 2026-11-22). A
+# (same HLO, options and flags make the key); on two workers the train,
+# reproduce and models tests take about a quarter less time with it. A
 # JAX_COMPILATION_CACHE_DIR set by the user is left alone.
 _SHARED_CACHE = "STNJAX_TEST_COMPILATION_CACHE"  # The directory, for the workers.
 _OWN_CACHE = pytest.StashKey[str]()  # The directory this process made and removes.

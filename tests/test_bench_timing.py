@@ -1,13 +1,13 @@
-"""The benchmark scripts' shared helpers (`scripts/timing.py`)."""
+"""The benchmarks' shared helpers (`scripts/bench/timing.py`)."""
 
+import json
 import os
-import pathlib
 import sys
+import types
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-import timing  # noqa: E402
+from scripts.bench import timing
 
 
 class Restarted(Exception):
@@ -37,12 +37,15 @@ def test_median_seconds_counts_warmup_calls_and_times_the_rest(monkeypatch):
 def test_restart_sets_glibc_tunables_when_unset(monkeypatch, execve_calls):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   monkeypatch.setenv("STNJAX_TEST_MARKER", "kept")
-  monkeypatch.setattr(sys, "argv", ["scripts/bench_sampler.py", "--rounds", "2"])
+  monkeypatch.setattr(sys, "argv", ["/repo/scripts/bench/bench_sampler.py", "--rounds", "2"])
+  main = types.ModuleType("__main__")
+  main.__spec__ = types.SimpleNamespace(name="scripts.bench.bench_sampler")
+  monkeypatch.setitem(sys.modules, "__main__", main)
   with pytest.raises(Restarted):
     timing.restart_with_glibc_tunables()
   [(path, argv, env)] = execve_calls
   assert path == sys.executable
-  assert argv == [sys.executable, "scripts/bench_sampler.py", "--rounds", "2"]
+  assert argv == [sys.executable, "-m", "scripts.bench.bench_sampler", "--rounds", "2"]
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
   assert env["STNJAX_TEST_MARKER"] == "kept"
 
@@ -77,3 +80,12 @@ def test_pin_xla_worker_threads_gives_each_worker_one_cpu():
         os.sched_setaffinity(int(tid), allowed)
       except OSError:  # The thread ended meanwhile.
         pass
+
+
+def test_write_results_records_provenance(tmp_path):
+  path = tmp_path / "out" / "bench.json"
+  timing.write_results(path, {"rows": [{"name": "x", "ms": 1.0}]})
+  written = json.loads(path.read_text())
+  assert written["rows"] == [{"name": "x", "ms": 1.0}]
+  assert {"date", "commit", "command", "cpu_model", "jax"} <= set(written["provenance"])
+  timing.write_results(None, {})  # No path: nothing written, no error.

@@ -48,7 +48,3 @@ def test_relative_links_resolve(document):
       broken.append(f"{link}: no heading with anchor #{fragment} in {file.name}")
   assert not broken, f"{document.name}: " + "; ".join(broken)
 
-
-def test_readme_links_the_performance_notes():
-  readme_links = relative_links(ROOT / "README.md")
-  assert sum(link.startswith("docs/performance.md#") for link in readme_links) >= 4

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from jax.test_util import check_grads
 
 import stnjax
+from stnjax import _cpu_kernels
+from stnjax import _interp
+from stnjax import sampling
+from stnjax._cpu_kernels import CpuOptions
 
 MODES = ("bilinear", "nearest", "bicubic")
 PADDINGS = ("zeros", "border", "reflection")
@@ -64,10 +68,13 @@ def torch_grid_sample(image, grid, cotangent, **kwargs):
 
 
 def stnjax_grid_sample(image, grid, cotangent, jit=False, **kwargs):
-  """Like `torch_grid_sample`, with stnjax (reverse mode via `jax.vjp`), eager or jitted."""
+  """Like `torch_grid_sample`, with stnjax (reverse mode via `jax.vjp`), eager or jitted.
+
+  `kwargs` may include `cpu_options` (`sampling.grid_sample_with_options`).
+  """
 
   def run(image, grid, cotangent):
-    out, vjp = jax.vjp(functools.partial(stnjax.grid_sample, **kwargs), image, grid)
+    out, vjp = jax.vjp(functools.partial(sampling.grid_sample_with_options, **kwargs), image, grid)
     return (out,) + vjp(cotangent.astype(out.dtype))
 
   results = (jax.jit(run) if jit else run)(image, grid, jnp.asarray(cotangent))
@@ -114,7 +121,7 @@ def smooth_case(rng, align_corners):
   return image, grid, cotangent
 
 
-# Jitted public API for tests with one-off shapes: eager JAX compiles every
+# Jitted public API for tests with shapes of their own: eager JAX compiles every
 # primitive separately for each new shape (about 1 s for one bilinear call
 # here), one fused program compiles several times faster. Tests that share the
 # SHAPES_* above run eagerly and reuse those per-primitive compilations.
@@ -737,7 +744,7 @@ def test_forward_mode_is_documented_as_unsupported(x64, rng):
     jax.jvp(lambda g: stnjax.grid_sample(image, g), (grid,), (grid,))
 
 
-# The CPU VJP runs in batch chunks (sampling._CPU_CHUNK_ELEMENTS); a small
+# The CPU VJP runs in batch chunks (`CpuOptions.chunk_elements`); a small
 # budget forces chunking on these small cases. 6 examples of 4 x 7 points x 3
 # channels = 84 elements each: a budget of 200 gives 3 chunks of 2.
 _CHUNKED_CASES = (
@@ -746,7 +753,7 @@ _CHUNKED_CASES = (
        (3, "bilinear", "border", True)])
 
 
-def stnjax_and_torch_with_sharing(image, grid, cot, shared, **kwargs):
+def stnjax_and_torch_with_sharing(image, grid, cot, shared, cpu_options=CpuOptions(), **kwargs):
   """`(stnjax, torch)` results of `stnjax_grid_sample` with `shared` in {"none", "grid", "image"}.
 
   "grid" / "image" pass stnjax the first grid / image only (broadcast over
@@ -757,7 +764,7 @@ def stnjax_and_torch_with_sharing(image, grid, cot, shared, **kwargs):
     grid = grid[0]
   elif shared == "image":
     image = image[0]
-  ours = stnjax_grid_sample(image, grid, cot, **kwargs)
+  ours = stnjax_grid_sample(image, grid, cot, cpu_options=cpu_options, **kwargs)
   ref = list(torch_grid_sample(np.broadcast_to(image, cot.shape[:1] + image.shape[-ndim - 1:]),
                                np.broadcast_to(grid, cot.shape[:1] + grid.shape[-ndim - 1:]),
                                cot, **kwargs))
@@ -768,27 +775,26 @@ def stnjax_and_torch_with_sharing(image, grid, cot, shared, **kwargs):
   return ours, ref
 
 
-def second_order_grads(image, grid, cot):
+def second_order_grads(image, grid, cot, cpu_options=CpuOptions()):
   """d/d(image, grid) of sum(d/d grid of sum(cot * grid_sample(image, grid) ** 2))."""
+  sample = functools.partial(sampling.grid_sample_with_options, cpu_options=cpu_options)
+
   def grid_grad_sum(image, grid):
-    return jnp.sum(jax.grad(lambda g: jnp.sum(cot * stnjax.grid_sample(image, g) ** 2))(grid))
+    return jnp.sum(jax.grad(lambda g: jnp.sum(cot * sample(image, g) ** 2))(grid))
   return jax.grad(grid_grad_sum, argnums=(0, 1))(image, grid)
 
 
 @pytest.mark.parametrize("ndim,mode,padding_mode,align_corners", _CHUNKED_CASES)
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
-def test_chunked_vjp_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mode, align_corners,
-                                   shared):
+def test_chunked_vjp_matches_torch(x64, rng, ndim, mode, padding_mode, align_corners, shared):
   batch, spatial, out_spatial, channels = SHAPES_2D if ndim == 2 else SHAPES_3D
   image, grid, cot = random_case(rng, ((6,), spatial, out_spatial, channels))
-  if ndim == 3:  # 2 x 3 x 4 points x 2 channels = 48 elements per example.
-    monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 100)
-  else:
-    monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 200)
-  assert stnjax.sampling._num_chunks(6, math.prod(out_spatial) * channels,
-                                     stnjax.sampling._CPU_CHUNK_ELEMENTS) == 3
+  # 3-D: 2 x 3 x 4 points x 2 channels = 48 elements per example.
+  options = CpuOptions(chunk_elements=100 if ndim == 3 else 200)
+  assert _cpu_kernels.num_chunks(6, math.prod(out_spatial) * channels,
+                                 options.chunk_elements) == 3
   (out, d_image, d_grid), (ref_out, ref_d_image, ref_d_grid) = stnjax_and_torch_with_sharing(
-      image, grid, cot, shared, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+      image, grid, cot, shared, cpu_options=options, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
   np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
   np.testing.assert_allclose(d_image, ref_d_image, rtol=0, atol=1e-10)
   np.testing.assert_allclose(d_grid, ref_d_grid, rtol=0, atol=1e-10)
@@ -797,29 +803,28 @@ def test_chunked_vjp_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mo
     assert np.abs(ref_d_grid).max() > 0.1
 
 
-def test_chunked_vjp_with_examples_larger_than_the_budget(x64, rng, monkeypatch):
+def test_chunked_vjp_with_examples_larger_than_the_budget(x64, rng):
   # 84 elements per example, budget 50: one example per chunk (this used to
   # raise StopIteration, e.g. for two 300x300x3 images at the real budget).
   image, grid, cot = random_case(rng, ((3,), (5, 6), (4, 7), 3))
   whole = stnjax_grid_sample(image, grid, cot)
-  monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 50)
-  assert stnjax.sampling._num_chunks(3, 84, 50) == 3
-  for a, b in zip(stnjax_grid_sample(image, grid, cot), whole):
+  assert _cpu_kernels.num_chunks(3, 84, 50) == 3
+  chunked = stnjax_grid_sample(image, grid, cot, cpu_options=CpuOptions(chunk_elements=50))
+  for a, b in zip(chunked, whole):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
   assert np.abs(whole[1]).max() > 0.1 and np.abs(whole[2]).max() > 0.1
 
 
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
-def test_chunked_single_channel_vjp_matches_torch(x64, rng, monkeypatch, shared):
-  # Single-channel 2-D VJPs have their own budgets (sampling._cpu_vjp_chunks):
+def test_chunked_single_channel_vjp_matches_torch(x64, rng, shared):
+  # Single-channel 2-D VJPs have their own budgets (_cpu_kernels.vjp_chunks):
   # 6 examples of 4 x 7 points, at most 60 points per chunk: 3 chunks of 2.
   image, grid, cot = random_case(rng, ((6,), (5, 6), (4, 7), 1))
-  monkeypatch.setattr(stnjax.sampling, "_CPU_ONE_PIECE_BYTES", 0)
-  monkeypatch.setattr(stnjax.sampling, "_CPU_SINGLE_CHANNEL_CHUNK_ELEMENTS", 60)
-  spec = stnjax.sampling._Spec((5, 6), "bilinear", "zeros", False)
-  assert stnjax.sampling._cpu_vjp_chunks(np.empty((6, 28)), spec) == 3
+  options = CpuOptions(one_piece_bytes=0, single_channel_chunk_elements=60)
+  spec = _interp.Spec((5, 6), "bilinear", "zeros", False)
+  assert _cpu_kernels.vjp_chunks(np.empty((6, 28)), spec, options) == 3
   (out, d_image, d_grid), (ref_out, ref_d_image, ref_d_grid) = stnjax_and_torch_with_sharing(
-      image, grid, cot, shared, mode="bilinear", padding_mode="zeros", align_corners=False)
+      image, grid, cot, shared, cpu_options=options, mode="bilinear", padding_mode="zeros", align_corners=False)
   np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
   np.testing.assert_allclose(d_image, ref_d_image, rtol=0, atol=1e-10)
   np.testing.assert_allclose(d_grid, ref_d_grid, rtol=0, atol=1e-10)
@@ -827,29 +832,29 @@ def test_chunked_single_channel_vjp_matches_torch(x64, rng, monkeypatch, shared)
 
 
 # Accelerators gather and scatter with the batch as a batching dimension; CPU
-# folds it into flat indices (sampling._CPU_FLAT_BATCH). Switching the flag off
-# runs the accelerator form here.
+# folds it into flat indices (`CpuOptions.flat_batch`). Switching it off runs
+# the accelerator form here.
 @pytest.mark.parametrize("ndim,mode,padding_mode,align_corners", [
     (2, "bilinear", "zeros", False), (2, "bicubic", "border", True),
     (2, "nearest", "reflection", False), (3, "bilinear", "reflection", True)])
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
-def test_batched_gather_form_matches_torch(x64, rng, monkeypatch, ndim, mode, padding_mode,
-                                           align_corners, shared):
-  monkeypatch.setattr(stnjax.sampling, "_CPU_FLAT_BATCH", False)
+def test_batched_gather_form_matches_torch(x64, rng, ndim, mode, padding_mode, align_corners,
+                                           shared):
   batch, spatial, out_spatial, channels = SHAPES_2D if ndim == 2 else SHAPES_3D
   image, grid, cot = random_case(rng, ((3,), spatial, out_spatial, channels))
   got, ref = stnjax_and_torch_with_sharing(
-      image, grid, cot, shared, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+      image, grid, cot, shared, cpu_options=CpuOptions(flat_batch=False), mode=mode,
+      padding_mode=padding_mode, align_corners=align_corners)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert np.abs(ref[1]).max() > 0.1
 
 
-def test_batched_gather_form_second_order_matches_flat(x64, rng, monkeypatch):
+def test_batched_gather_form_second_order_matches_flat(x64, rng):
   image, grid, cot = map(jnp.asarray, random_case(rng, ((3,), (5, 6), (4, 7), 3)))
   flat = second_order_grads(image, grid, cot)
-  monkeypatch.setattr(stnjax.sampling, "_CPU_FLAT_BATCH", False)
-  for a, b in zip(second_order_grads(image, grid, cot), flat):
+  batched = second_order_grads(image, grid, cot, CpuOptions(flat_batch=False))
+  for a, b in zip(batched, flat):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert float(jnp.abs(flat[1]).max()) > 0.1
 
@@ -893,11 +898,14 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
 
 
 # On CPU, single-channel 2-D bilinear sampling reads each image row's two taps
-# as one complex pair (sampling._sample_row_pairs), and so does its VJP for
-# the grid cotangent (sampling._row_pairs_coords_vjp).
+# as one complex pair (_cpu_kernels.sample_row_pairs), and so does its VJP for
+# the grid cotangent (_cpu_kernels.row_pairs_coords_vjp).
+FOUR_TAPS = CpuOptions(row_pairs=False)
+
+
 def uses_row_pairs(image, grid, **kwargs):
   """Whether the compiled sampler and its VJP (compiled alone) gather complex pairs."""
-  sample = functools.partial(stnjax.grid_sample, **kwargs)
+  sample = functools.partial(sampling.grid_sample_with_options, **kwargs)
   forward = jax.jit(sample).lower(image, grid).compile().as_text()
   out = jax.eval_shape(sample, image, grid)
   cotangent = jnp.ones(out.shape, out.dtype)
@@ -909,17 +917,12 @@ def uses_row_pairs(image, grid, **kwargs):
   return in_forward is not None
 
 
-def row_pairs_and_four_taps(image, grid, monkeypatch, cotangent):
-  """`(output, d_image, d_grid)` on the row-pair path, then with it switched off (four taps).
-
-  `stnjax_grid_sample(jit=True)` jits a new function on every call, so each
-  is traced after the monkeypatch before it.
-  """
+def row_pairs_and_four_taps(image, grid, cotangent):
+  """`(output, d_image, d_grid)` on the row-pair path, then with it switched off (four taps)."""
   assert uses_row_pairs(image, grid)
   pairs = stnjax_grid_sample(image, grid, cotangent, jit=True)
-  monkeypatch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
-  assert not uses_row_pairs(image, grid)
-  return pairs, stnjax_grid_sample(image, grid, cotangent, jit=True)
+  assert not uses_row_pairs(image, grid, cpu_options=FOUR_TAPS)
+  return pairs, stnjax_grid_sample(image, grid, cotangent, jit=True, cpu_options=FOUR_TAPS)
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)
@@ -938,7 +941,7 @@ def test_row_pair_path_matches_torch(x64, rng, padding_mode, align_corners, shar
 
 def test_row_pair_output_is_not_copied(rng):
   # The row-pair loop writes one flat vector, whose reshape to (N, H, W, 1) is
-  # a bitcast (sampling._own_loop_1d). From an (N, H * W) loop XLA:CPU lays
+  # a bitcast (_cpu_kernels.own_loop_1d). From an (N, H * W) loop XLA:CPU lays
   # that reshape out with the channel axis major and copies it to the result.
   image = rng.normal(size=(3, 6, 7, 1)).astype(np.float32)
   grid = rng.uniform(-1, 1, size=(3, 5, 8, 2)).astype(np.float32)
@@ -950,13 +953,13 @@ def test_row_pair_output_is_not_copied(rng):
 
 @pytest.mark.parametrize("shape,out_shape", [((2, 5, 6, 1), (4, 7)), ((1, 9, 4, 1), (11, 3)),
                                              ((3, 1, 8, 1), (2, 5))])
-def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape):
+def test_row_pair_path_matches_four_tap_path(rng, shape, out_shape):
   image = jnp.asarray(rng.normal(size=shape), jnp.float32)
   theta = jnp.asarray(np.eye(2, 3) + 0.4 * rng.normal(size=(shape[0], 2, 3)), jnp.float32)
   grid = np.array(stnjax.affine_grid(theta, out_shape))
   grid[0, 0, :3] = [[np.inf, 0.0], [0.0, -np.inf], [np.nan, 0.5]]  # NaN is -1.
   cotangent = rng.normal(size=grid.shape[:-1] + (1,)).astype(np.float32)
-  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch, cotangent)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, cotangent)
   for name, a, b in zip(("output", "d_image", "d_grid"), pairs, four_taps):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
     assert float(np.abs(a).max()) > 0.1, name
@@ -967,7 +970,7 @@ def test_row_pair_path_matches_four_tap_path(rng, monkeypatch, shape, out_shape)
 
 
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
-def test_row_pair_table_border(rng, monkeypatch, shared):
+def test_row_pair_table_border(rng, shared):
   # The pair table's zero border: top rows and left pairs are clipped to
   # [-2, H] and [-2, W]. Sample every combination of positions around those
   # bounds and the image's edges, for a batch whose examples lie next to each
@@ -984,7 +987,7 @@ def test_row_pair_table_border(rng, monkeypatch, shared):
   image, grid = {"none": (images, grids), "grid": (images, grid),
                  "image": (images[0], grids)}[shared]
   cotangent = rng.uniform(1, 2, size=grids.shape[:-1] + (1,)).astype(np.float32)
-  pairs, four_taps = row_pairs_and_four_taps(image, grid, monkeypatch, cotangent)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, cotangent)
   for name, a, b in zip(("output", "d_image", "d_grid"), pairs, four_taps):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
   out, d_image, d_grid = pairs
@@ -995,7 +998,7 @@ def test_row_pair_table_border(rng, monkeypatch, shared):
 
 
 @pytest.mark.parametrize("padding_mode,align_corners", (("zeros", False), ("reflection", True)))
-def test_row_pair_vjp_second_order(x64, rng, monkeypatch, padding_mode, align_corners):
+def test_row_pair_vjp_second_order(x64, rng, padding_mode, align_corners):
   # The row-pair VJP is itself differentiated for second order (no custom
   # rule below it): finite differences, then its chunked form and the
   # four-tap path (which has its own tests) must agree with it.
@@ -1006,18 +1009,21 @@ def test_row_pair_vjp_second_order(x64, rng, monkeypatch, padding_mode, align_co
   sample = jax.jit(functools.partial(stnjax.grid_sample, **kwargs))
   check_grads(sample, (image, grid), order=2, modes=("rev",), eps=1e-6)
 
-  def second_order():
+  def second_order(cpu_options=CpuOptions()):
     def grid_grad_sum(image, grid):
-      loss = lambda g: jnp.sum(cot * stnjax.grid_sample(image, g, **kwargs) ** 2)
+      loss = lambda g: jnp.sum(cot * sampling.grid_sample_with_options(
+          image, g, cpu_options=cpu_options, **kwargs) ** 2)
       return jnp.sum(jax.grad(loss)(grid))
     return jax.jit(jax.grad(grid_grad_sum, argnums=(0, 1)))(image, grid)
 
+  # Two chunks: never one piece, and at most half the batch's elements each.
+  spec = _interp.Spec(image.shape[1:3], "bilinear", padding_mode, align_corners)
+  half = cot[: len(cot) // 2].size
+  chunks = CpuOptions(one_piece_bytes=0, single_channel_chunk_elements=half)
+  assert _cpu_kernels.vjp_chunks(cot.reshape(len(cot), -1), spec, chunks) == 2
   whole = second_order()
-  with monkeypatch.context() as patch:
-    patch.setattr(stnjax.sampling, "_cpu_vjp_chunks", lambda cotangent, spec: 2)
-    chunked = second_order()
-    patch.setattr(stnjax.sampling, "_uses_row_pairs", lambda image, spec: False)
-    four_taps = second_order()
+  chunked = second_order(chunks)
+  four_taps = second_order(chunks._replace(row_pairs=False))
   for a, b, c in zip(whole, chunked, four_taps):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-10)
     np.testing.assert_allclose(c, a, rtol=0, atol=1e-10)
@@ -1050,7 +1056,8 @@ _SHARDED_SAMPLING = textwrap.dedent(r"""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import stnjax
     assert jax.device_count() == 4, jax.devices()
-    stnjax.sampling._CPU_FLAT_BATCH = {flat}
+    from stnjax import sampling
+    options = sampling.CpuOptions(flat_batch={flat})
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rng = np.random.default_rng(0)
     image = rng.normal(size=(8, 9, 10, 3)).astype(np.float32)
@@ -1058,8 +1065,8 @@ _SHARDED_SAMPLING = textwrap.dedent(r"""
     cot = rng.normal(size=(8, 7, 6, 3)).astype(np.float32)
 
     def sample_and_vjp(image, theta, cot):
-      out, vjp = jax.vjp(lambda i, t: stnjax.grid_sample(i, stnjax.affine_grid(t, (7, 6))),
-                         image, theta)
+      out, vjp = jax.vjp(lambda i, t: sampling.grid_sample_with_options(
+          i, stnjax.affine_grid(t, (7, 6)), cpu_options=options), image, theta)
       return (out,) + vjp(cot)
 
     sharded = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (image, theta, cot)]
@@ -1088,11 +1095,10 @@ def test_sharded_batch_is_sampled_where_it_lives(flat):
     assert collectives.strip() == "[]"
 
 
-def test_chunked_vjp_second_order_matches_unchunked(x64, rng, monkeypatch):
+def test_chunked_vjp_second_order_matches_unchunked(x64, rng):
   image, grid, cot = map(jnp.asarray, random_case(rng, ((6,), (5, 6), (4, 7), 3)))
   whole = second_order_grads(image, grid, cot)
-  monkeypatch.setattr(stnjax.sampling, "_CPU_CHUNK_ELEMENTS", 200)
-  chunked = second_order_grads(image, grid, cot)
+  chunked = second_order_grads(image, grid, cot, CpuOptions(chunk_elements=200))
   for a, b in zip(chunked, whole):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
   assert float(jnp.abs(whole[1]).max()) > 0.1
@@ -1109,7 +1115,7 @@ def test_chunked_vjp_second_order_matches_unchunked(x64, rng, monkeypatch):
     (5, 300, 250, 5),  # Needs 6 > 5 examples.
 ])
 def test_num_chunks(n, per_example, budget, expected):
-  assert stnjax.sampling._num_chunks(n, per_example, budget) == expected
+  assert _cpu_kernels.num_chunks(n, per_example, budget) == expected
 
 
 @pytest.mark.parametrize("cotangent_shape,dtype,spatial,expected", [
@@ -1121,9 +1127,9 @@ def test_num_chunks(n, per_example, budget, expected):
     ((256, 12 * 12 * 12), np.float32, (12, 12, 12), 2),  # 3-D: the element budget, 2 chunks.
 ])
 def test_cpu_vjp_chunks(cotangent_shape, dtype, spatial, expected):
-  spec = stnjax.sampling._Spec(spatial, "bilinear", "zeros", False)
+  spec = _interp.Spec(spatial, "bilinear", "zeros", False)
   cotangent = np.empty(cotangent_shape, dtype)
-  assert stnjax.sampling._cpu_vjp_chunks(cotangent, spec) == expected
+  assert _cpu_kernels.vjp_chunks(cotangent, spec) == expected
 
 
 # ---------------------------------------------------------------------------

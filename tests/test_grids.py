@@ -13,7 +13,7 @@ import stnjax
 
 ALIGNS = (False, True)
 
-# Jitted public API for one-off shapes (cheaper than compiling each primitive eagerly).
+# Jitted public API for shapes used once (cheaper than compiling each primitive eagerly).
 sample = jax.jit(stnjax.grid_sample, static_argnames=("mode", "padding_mode", "align_corners"))
 affine = jax.jit(stnjax.affine_grid, static_argnums=(1,), static_argnames=("align_corners",))
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import stnjax
+from stnjax import transforms
 
 
 def apply_homography(h, points):
@@ -153,3 +154,24 @@ def test_parameters_that_do_not_broadcast_are_named():
     stnjax.rts_theta(jnp.zeros(3), jnp.ones(2), 0.0, 0.0)
   with pytest.raises(ValueError, match=r"`scale` \(2,\), `tx` \(3,\), `ty` \(\)"):
     stnjax.attention_theta(jnp.ones(2), jnp.zeros(3), 0.0)
+
+
+@pytest.mark.parametrize("transform", transforms.TRANSFORMS)
+@pytest.mark.parametrize("lead", [(), (1,), (1, 1), (2, 1), (1, 3)])
+def test_transform_grid_batch_dims_include_sizes_of_one(transform, lead):
+  # Batch dimensions that are all 1 take `_batching.batched_apply`'s unbatched
+  # branch (no vmap): the grid keeps them, and each example's grid is the
+  # unbatched one.
+  identity = transforms.identity_params(transform)
+  params = np.broadcast_to(identity, lead + identity.shape)
+  grid = transforms.transform_grid(transform, params, (3, 4))
+  assert grid.shape == lead + (3, 4, 2)
+  single = transforms.transform_grid(transform, identity, (3, 4))
+  np.testing.assert_allclose(grid, np.broadcast_to(single, grid.shape), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(single, stnjax.base_grid((3, 4)), rtol=0, atol=1e-6)
+
+
+def test_models_reexports_the_transform_parameterisations():
+  from stnjax import models  # pylint: disable=g-import-not-at-top
+  assert models.transform_grid is transforms.transform_grid
+  assert models.identity_params is transforms.identity_params

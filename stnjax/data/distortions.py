@@ -1,7 +1,7 @@
 """Distorted-MNIST variants of the STN paper, as pure JAX functions that run on device.
 
 Jaderberg et al., *Spatial Transformer Networks*, NIPS 2015, Appendix A.4
-(the protocol as rebuilt in `shared/REFERENCE.md`, section 1). Every
+(and its public reproductions where the paper is silent). Every
 variant's parameters live in one place, the frozen `VARIANTS` registry; each
 entry cites its source and lists its UNVERIFIED assumptions in `unverified`.
 

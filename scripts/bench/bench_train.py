@@ -1,6 +1,7 @@
 """Training steps/s: the PyTorch STN tutorial network vs stnjax, on this machine.
 
-  python scripts/bench_train.py [--steps 50] [--warmup 5] [--rounds 3] [--cpu-devices N]
+  python -m scripts.bench.bench_train [--steps 50] [--warmup 5] [--rounds 3] [--cpu-devices N]
+      [--out results/bench/train.json]
 
 Rows 1-4 are timed in `--rounds` interleaved rounds (the networks take
 turns, so machine noise hits them alike), each round the median over
@@ -34,13 +35,13 @@ after the others.
    (`stnjax.train.make_functions`, on-device batch sampling included),
    data parallel over all devices as in `stnjax.train`.
 
-Prints a Markdown table with the ratio stnjax / torch and the device.
+Prints a Markdown table with the ratio stnjax / torch and the device and,
+with --out, writes the steps/s and the provenance as JSON.
 
 Row 5 also reports its minor page faults per step: XLA:CPU allocates each
 call's temporaries afresh. On Linux with glibc >= 2.35,
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (which `scripts/run.sh` sets) backs
-them with transparent huge pages; docs/performance.md gives row 5 with and
-without it.
+them with transparent huge pages (docs/performance.md, "Memory").
 """
 
 import argparse
@@ -49,6 +50,7 @@ import platform
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -61,7 +63,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import stnjax
-import timing
+from scripts.bench import timing
 from stnjax import input_pipeline
 from stnjax import layers
 from stnjax import models
@@ -144,31 +146,34 @@ def torch_step(use_st=True):
 
 
 class TutorialLocalisation(nn.Module):
+  max_pool: Callable = layers.max_pool
+
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(layers.max_pool(models.Conv(8, (7, 7), padding="VALID")(x), (2, 2), (2, 2)))
-    x = nn.relu(layers.max_pool(models.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+    x = nn.relu(self.max_pool(models.Conv(8, (7, 7), padding="VALID")(x), (2, 2), (2, 2)))
+    x = nn.relu(self.max_pool(models.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
     return nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
 
 
 class TutorialNet(nn.Module):
   """The tutorial network in flax (channels-last), with stnjax's SpatialTransformer."""
   use_st: bool = True
+  max_pool: Callable = layers.max_pool  # The ablation passes `flax.linen.max_pool`.
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     if self.use_st:
-      x, _ = models.SpatialTransformer(TutorialLocalisation(), "affine")(x)
-    x = nn.relu(layers.max_pool(models.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+      x, _ = models.SpatialTransformer(TutorialLocalisation(self.max_pool), "affine")(x)
+    x = nn.relu(self.max_pool(models.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
     x = models.Conv(20, (5, 5), padding="VALID")(x)
     x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(x)  # Dropout2d.
-    x = nn.relu(layers.max_pool(x, (2, 2), (2, 2)))
+    x = nn.relu(self.max_pool(x, (2, 2), (2, 2)))
     x = nn.relu(nn.Dense(50)(x.reshape(x.shape[0], -1)))
     x = nn.Dropout(0.5, deterministic=not train)(x)
     return nn.log_softmax(nn.Dense(10)(x))
 
 
-def flax_tutorial_step(use_st=True, data_parallel=False):
+def flax_tutorial_step(use_st=True, data_parallel=False, max_pool=layers.max_pool):
   """One synchronous training step of the flax + stnjax tutorial network (a callable).
 
   With `data_parallel`, the batch is sharded over all devices and the state
@@ -176,7 +181,7 @@ def flax_tutorial_step(use_st=True, data_parallel=False):
   part of the batch inside `jax.shard_map` and one all-reduce of one flat
   vector averages them (`train.all_reduce_mean`).
   """
-  model = TutorialNet(use_st)
+  model = TutorialNet(use_st, max_pool)
   x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
   y = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
   params = model.init(jax.random.key(2), x, train=False)["params"]
@@ -253,6 +258,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   parser.add_argument("--cpu-devices", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPU devices for the data-parallel row (default: one per core)")
+  parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   args = parser.parse_args()
   jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # Before the backend starts.
   load_before = os.getloadavg()[0]
@@ -293,6 +299,11 @@ def main():
         f"stnjax/flax | 256 | 42x42 RTS | {paper_sps:.2f} | - |")
   print(f"\nRow 5: {paper_faults:,.0f} minor page faults per step "
         f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}).")
+  timing.write_results(args.out, {
+      "batch": BATCH, "rounds": args.rounds, "steps": args.steps,
+      "torch": f"{torch.__version__} ({TORCH_DEVICE}, {torch.get_num_threads()} threads)",
+      "steps_per_sec": sps, "paper_st_cnn": {"params": paper_params, "steps_per_sec": paper_sps,
+                                             "minor_page_faults_per_step": paper_faults}})
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ batch (`stnjax.data.sample_train_batch`, batch 256, jitted, a new key every
 call, synchronised with block_until_ready) and the median seconds to generate
 a whole 10k evaluation set (`stnjax.data.generate_eval_set`: float64, rounded
 to uint8, chunks of 1000, copied to host), both after one warm-up call, plus
-the first call's time (compilation included). Prints a Markdown table.
+the first call's time (compilation included). Prints a Markdown table and,
+with --out, writes the rows and the provenance as JSON.
 
-  python scripts/bench_data.py [--repeats 20] [--variants r,rts] [--mnist_dir DIR]
+  python -m scripts.bench.bench_data [--repeats 20] [--variants r,rts] [--mnist_dir DIR]
+      [--out results/bench/data.json]
 """
 
 import argparse
@@ -16,7 +18,7 @@ import time
 
 import jax
 
-import timing
+from scripts.bench import timing
 from stnjax import data
 
 
@@ -28,6 +30,7 @@ def main():
   parser.add_argument("--eval_repeats", type=int, default=3, help="timed 10k evaluation sets")
   parser.add_argument("--mnist_dir", default=None, help="directory of the IDX files")
   parser.add_argument("--data_dir", default=None, help="TFDS data directory (the cache)")
+  parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   args = parser.parse_args()
 
   splits = data.load_mnist(args.data_dir, mnist_dir=args.mnist_dir)
@@ -63,6 +66,9 @@ def main():
   print("|---|---|---|---|---|")
   for name, batch_ms, first_batch, eval_s, first_eval in rows:
     print(f"| {name} | {batch_ms:.1f} | {first_batch:.1f} | {eval_s:.2f} | {first_eval:.1f} |")
+  keys = ("variant", "batch_ms", "first_batch_s", "eval_set_s", "first_eval_set_s")
+  timing.write_results(args.out, {"batch_size": args.batch_size,
+                                  "rows": [dict(zip(keys, row)) for row in rows]})
 
 
 if __name__ == "__main__":

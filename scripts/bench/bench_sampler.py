@@ -16,33 +16,25 @@ Each (implementation, workload) is timed in --rounds rounds of --repeats runs
 a noisy machine slows them alike; the reported time is the median of the
 round medians. Round r runs the implementations in the r-th of their orders
 (all permutations, in turn; 6 rounds cover them), so that no implementation
-always follows the same one (on this project's 2-core VM stnjax's 28x28
-forward runs at one of two speeds, 0.33 to 0.46 or 0.50 to 0.65 ms; the
-slow blocks mostly follow other work, torch's or other XLA programs', and
-in them Linux has mostly put XLA's two worker threads on one vCPU; a process
-pinned to one core is immune; see docs/performance.md). The ratio column is
-torch_time / stnjax_time (> 1: stnjax is faster). Prints a Markdown table
-and, with --out, writes it with the raw numbers (per-round medians, the
-rounds' orders, the load average and GLIBC_TUNABLES) as JSON.
+always follows the same one: on a small machine a benchmark runs slower
+after other work (docs/performance.md, "Measuring on a small CPU"). The
+ratio column is torch_time / stnjax_time (> 1: stnjax is faster). Prints a
+Markdown table and, with --out, writes it with the raw numbers (per-round
+medians, the rounds' orders) and the provenance as JSON.
 
-The script restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, the
+The benchmark restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, the
 setting `scripts/run.sh` gives the main job, unless GLIBC_TUNABLES is set
-(`GLIBC_TUNABLES= python scripts/bench_sampler.py` keeps glibc's defaults).
-With glibc's defaults, whether a call's output (25.7 MB for 256x28x28x32)
-lands in memory glibc already has or in freshly mapped 4 KiB pages depends
-on what the process allocated before: on this project's VM some rounds of
-the 256x28x28x32 forward took 9 to 10 ms instead of 2.5 to 3 ms, with
-about 6,000 minor page faults per call (see docs/performance.md).
-
+(`GLIBC_TUNABLES= python -m scripts.bench.bench_sampler` keeps glibc's
+defaults, under which large outputs can land in fresh 4 KiB pages).
 --pin-xla-threads pins XLA:CPU's worker threads one per CPU first, a
-diagnostic for the two speeds above (see `timing.pin_xla_worker_threads`).
+diagnostic for a machine that runs the benchmark at two speeds
+(`timing.pin_xla_worker_threads`).
 
-  python scripts/bench_sampler.py [--out results/bench_sampler_cpu.json] [--pin-xla-threads]
+  python -m scripts.bench.bench_sampler [--out results/bench/sampler.json] [--pin-xla-threads]
 """
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -52,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import stnjax
-import timing
+from scripts.bench import timing
 from stnjax.sampling import unnormalize
 
 SHAPES = ((28, 28, 1), (42, 42, 1), (60, 60, 1), (28, 28, 32))
@@ -211,11 +203,9 @@ def main():
   for r in rows:
     print(f"| {r['shape']} | {r['workload']} | {r['stnjax_ms']:.2f} | {r['torch_ms']:.2f} | "
           f"{r['map_coordinates_ms']:.2f} | {r['ratio_torch_over_stnjax']:.2f} |")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"machine": machine, "load": load, "glibc_tunables": tunables,
-                 "pinned_xla_threads": len(pinned), "batch": args.batch,
-                 "rounds": args.rounds, "repeats": args.repeats, "rows": rows}, f, indent=1)
+  timing.write_results(args.out, {"machine": machine, "load": load, "torch": torch_info,
+                                  "pinned_xla_threads": len(pinned), "batch": args.batch,
+                                  "rounds": args.rounds, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Project scripts, importable as `scripts.*` when run from the repository root."""

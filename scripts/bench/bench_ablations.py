@@ -1,0 +1,177 @@
+"""Ablations behind docs/performance.md: each design choice vs its alternative.
+
+  python -m scripts.bench.bench_ablations [--rounds 3] [--repeats 20] [--rows SUBSTRING]
+      [--out results/bench/ablations.json]
+
+Each row times two jitted, synchronised functions in one process, first the
+current code and second the alternative, interleaved over --rounds rounds of
+--repeats timed calls (median over rounds of per-round medians). The
+alternatives are named options, never patched internals: the sampler's CPU
+paths are fields of `CpuOptions`, passed to
+`sampling.grid_sample_with_options`; the layers are compared with their Flax
+and `lax` counterparts.
+
+Rows (name: current vs alternative):
+
+* fresh memory: a function that writes four new 25 MB arrays vs one that
+  only reads 25 MB (the price of page faults on this machine).
+* chunked VJP (`single_channel_chunk_elements`): image + theta gradient at
+  256x60x60x1 in batch chunks vs in one piece.
+* gather form (`flat_batch`): image + theta gradient at 256x28x28x1 with
+  flat gather/scatter indices vs the accelerators' batched form.
+* row pairs (`row_pairs`): forward at 256x{28,42}x{28,42}x1 with one complex
+  gather per image row vs four taps.
+* output loop (`output_loop`): the row-pair forward in a 1-D loop of its own
+  vs a loop over `(N, H * W)` and vs fused into the reshape.
+* row-pair grid cotangent (`row_pairs_vjp`): theta / image + theta gradient
+  with two complex pair reads per point vs four pixels.
+* cotangent loop (`cotangent_loop`): image + theta gradient at 256x28x28x32
+  with the output cotangent in a loop of its own vs fused into every tap.
+* conv input gradient / forward: `layers.conv_general_dilated` vs
+  `lax.conv_general_dilated`, 5x5, 1 -> 10 channels, batch 64, 28x28.
+* max pool: the STN tutorial's training step (`bench_train`) with
+  `layers.max_pool` vs `flax.linen.max_pool`.
+
+Prints a Markdown table (ratio = alternative / current: > 1, the current
+code is faster) and, with --out, writes the rows and their provenance as
+JSON.
+"""
+
+import argparse
+import statistics
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import stnjax
+from scripts.bench import bench_train
+from scripts.bench import timing
+from stnjax import layers
+from stnjax import sampling
+from stnjax._cpu_kernels import CpuOptions
+
+DEFAULT = CpuOptions()
+
+
+def ms(fn, repeats):
+  return 1e3 * timing.median_seconds(lambda _: jax.block_until_ready(fn()), warmup=3,
+                                     repeats=repeats)
+
+
+def random_batch(h, w, c):
+  """A seeded generator, 256 random `(h, w, c)` images and near-identity thetas."""
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.random((256, h, w, c), np.float32))
+  theta = jnp.asarray(np.eye(2, 3, dtype=np.float32) + rng.normal(0, 0.2, (256, 2, 3)), jnp.float32)
+  return rng, image, theta
+
+
+def sample(image, theta, options):
+  grid = stnjax.affine_grid(theta, image.shape[1:3])
+  return sampling.grid_sample_with_options(image, grid, cpu_options=options)
+
+
+def gradient_case(h, w, c, argnums, options):
+  """The gradient of `<sample(image, theta), cotangent>` to `argnums`, jitted."""
+  rng, image, theta = random_batch(h, w, c)
+  cotangent = jnp.asarray(rng.normal(size=(256, h, w, c)), jnp.float32)
+  fn = jax.jit(jax.grad(lambda i, t, g: jnp.vdot(sample(i, t, options), g), argnums=argnums))
+  return lambda: fn(image, theta, cotangent)
+
+
+def forward_case(h, w, c, options):
+  _, image, theta = random_batch(h, w, c)
+  fn = jax.jit(lambda i, t: sample(i, t, options))
+  return lambda: fn(image, theta)
+
+
+def sampler_rows():
+  """(name, option, ours, alternative) for the sampler's CPU options."""
+  yield ("image+theta grad 256x60x60x1: chunked VJP vs one piece", "single_channel_chunk_elements",
+         gradient_case(60, 60, 1, (0, 1), DEFAULT),
+         gradient_case(60, 60, 1, (0, 1),
+                       DEFAULT._replace(one_piece_bytes=2**62, single_channel_chunk_elements=2**62)))
+  yield ("image+theta grad 256x28x28x1: flat vs batched gather/scatter", "flat_batch",
+         gradient_case(28, 28, 1, (0, 1), DEFAULT),
+         gradient_case(28, 28, 1, (0, 1), DEFAULT._replace(flat_batch=False)))
+  for size in (28, 42):
+    yield (f"forward 256x{size}x{size}x1: row pairs vs four taps", "row_pairs",
+           forward_case(size, size, 1, DEFAULT),
+           forward_case(size, size, 1, DEFAULT._replace(row_pairs=False)))
+  for size in (28, 60):
+    for loop in ("rows", "fused"):
+      yield (f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs {loop}", "output_loop",
+             forward_case(size, size, 1, DEFAULT),
+             forward_case(size, size, 1, DEFAULT._replace(output_loop=loop)))
+  for size in (28, 42, 60):
+    for workload, argnums in (("theta grad", 1), ("image+theta grad", (0, 1))):
+      yield (f"{workload} 256x{size}x{size}x1: row-pair grid cotangent vs four taps",
+             "row_pairs_vjp", gradient_case(size, size, 1, argnums, DEFAULT),
+             gradient_case(size, size, 1, argnums, DEFAULT._replace(row_pairs_vjp=False)))
+  yield ("image+theta grad 256x28x28x32: cotangent in its own loop vs fused", "cotangent_loop",
+         gradient_case(28, 28, 32, (0, 1), DEFAULT),
+         gradient_case(28, 28, 32, (0, 1), DEFAULT._replace(cotangent_loop=False)))
+
+
+def rows():
+  """(name, option, ours, alternative): the last two zero-argument callables."""
+  x = jnp.ones((256 * 784, 32))
+  four_new = jax.jit(lambda x: (x * 2, x * 3, x * 4, x * 5))
+  read_only = jax.jit(jnp.sum)
+  yield ("fresh memory: write 4 new 25 MB arrays vs read 25 MB", None,
+         lambda: four_new(x), lambda: read_only(x))
+  yield from sampler_rows()
+
+  dims = ("NHWC", "HWIO", "NHWC")
+  x = jax.random.normal(jax.random.key(0), (64, 28, 28, 1))
+  kernel = jax.random.normal(jax.random.key(1), (5, 5, 1, 10))
+  out_cotangent = jax.random.normal(jax.random.key(2), (64, 24, 24, 10))
+
+  def conv_fns(conv):
+    forward = jax.jit(lambda x, k: conv(x, k, (1, 1), "VALID", dimension_numbers=dims))
+    input_grad = jax.jit(jax.grad(lambda x, k, g: jnp.vdot(forward(x, k), g)))
+    return forward, input_grad
+
+  (ours_fwd, ours_grad), (lax_fwd, lax_grad) = (conv_fns(layers.conv_general_dilated),
+                                                conv_fns(jax.lax.conv_general_dilated))
+  yield ("conv 5x5 1->10 input grad 64x28x28: layers vs lax", "layers.conv_general_dilated",
+         lambda: ours_grad(x, kernel, out_cotangent), lambda: lax_grad(x, kernel, out_cotangent))
+  yield ("conv 5x5 1->10 forward 64x28x28: layers vs lax", "layers.conv_general_dilated",
+         lambda: ours_fwd(x, kernel), lambda: lax_fwd(x, kernel))
+  yield ("STN tutorial training step: layers.max_pool vs nn.max_pool", "layers.max_pool",
+         bench_train.flax_tutorial_step(), bench_train.flax_tutorial_step(max_pool=nn.max_pool))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--rows", default="", help="run only rows whose name contains this")
+  parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
+  args = parser.parse_args()
+  table = []
+  for name, option, ours, alternative in rows():
+    if args.rows not in name:
+      continue
+    first, second = [], []
+    for _ in range(args.rounds):
+      first.append(ms(ours, args.repeats))
+      second.append(ms(alternative, args.repeats))
+    a, b = statistics.median(first), statistics.median(second)
+    table.append({"name": name, "option": option, "current_ms": a, "alternative_ms": b,
+                  "ratio": b / a, "current_rounds_ms": first, "alternative_rounds_ms": second})
+    print(f"# {name}: {a:.2f} ms vs {b:.2f} ms", flush=True)
+  print(f"\njax {jax.__version__}, {jax.devices()[0].platform}; {args.rounds} rounds of "
+        f"{args.repeats}\n")
+  print("| current vs alternative | option | current ms | alternative ms | ratio |")
+  print("|---|---|---:|---:|---:|")
+  for r in table:
+    print(f"| {r['name']} | {r['option'] or ''} | {r['current_ms']:.2f} | "
+          f"{r['alternative_ms']:.2f} | {r['ratio']:.2f} |")
+  timing.write_results(args.out, {"rounds": args.rounds, "repeats": args.repeats, "rows": table})
+
+
+if __name__ == "__main__":
+  main()

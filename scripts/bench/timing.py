@@ -1,0 +1,144 @@
+"""Timing and result files shared by the benchmarks in `scripts/bench/`."""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def median_seconds(fn: Callable[[int], object], *, warmup: int = 0, repeats: int) -> float:
+  """Median wall time of `fn(i)` over `repeats` timed calls after `warmup` untimed ones.
+
+  `i` counts every call, warm-up included (0, 1, ...), so a benchmark can
+  feed each call different data. `fn` must block until its work is done
+  (e.g. `jax.block_until_ready`): JAX dispatches asynchronously.
+  """
+  for i in range(warmup):
+    fn(i)
+  times = []
+  for i in range(warmup, warmup + repeats):
+    start = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# The C-library setting that `scripts/run.sh` gives the main job: glibc backs
+# its large (mmap'd) blocks with transparent huge pages, so the buffers that
+# XLA:CPU allocates afresh on every call do not each cost fresh 4 KiB page
+# faults (docs/performance.md, "Memory").
+GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
+
+
+def restart_with_glibc_tunables(tunables: str = GLIBC_TUNABLES) -> None:
+  """Re-executes this script with `GLIBC_TUNABLES=tunables` unless the variable is set.
+
+  glibc reads its tunables once, at process start, hence the restart (the
+  same interpreter, arguments and environment). Any value already set,
+  the empty one included, is kept: `GLIBC_TUNABLES= python scripts/...`
+  runs with glibc's defaults. Other C libraries ignore the variable.
+  """
+  if "GLIBC_TUNABLES" in os.environ:
+    return
+  sys.stdout.flush()
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  # Run as `python -m scripts.bench.x`: restart the module, not its file.
+  command = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+  os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]],
+            dict(os.environ, GLIBC_TUNABLES=tunables))
+
+
+def pin_xla_worker_threads() -> dict[int, int]:
+  """Pins each of XLA:CPU's intra-op worker threads in this process to a CPU of its own.
+
+  A diagnostic for small machines (Linux only; `--pin-xla-threads` in
+  `scripts.bench.bench_sampler`): the scheduler can stack XLA's worker
+  threads (`tf_XLAEigen`) on one CPU, where their spin-waiting delays each
+  other and a small benchmark runs at one of two speeds. Round robin over the
+  CPUs this process may use; call it after JAX has run a computation (the
+  pool starts with the CPU client).
+
+  Returns:
+    `{thread id: CPU}` for the threads pinned (empty where there are none,
+    or on systems without `/proc/self/task` and `os.sched_setaffinity`).
+  """
+  tasks = "/proc/self/task"
+  if not (os.path.isdir(tasks) and hasattr(os, "sched_setaffinity")):
+    return {}
+  cpus = sorted(os.sched_getaffinity(0))
+  workers = []
+  for tid in sorted(os.listdir(tasks), key=int):
+    try:
+      with open(f"{tasks}/{tid}/comm") as f:
+        if f.read().startswith("tf_XLAEigen"):
+          workers.append(int(tid))
+    except FileNotFoundError:  # The thread ended meanwhile.
+      pass
+  pinned = {tid: cpus[i % len(cpus)] for i, tid in enumerate(workers)}
+  for tid, cpu in pinned.items():
+    os.sched_setaffinity(tid, {cpu})
+  return pinned
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def provenance() -> dict:
+  """Where and how a result was measured: date, commit, machine, versions, command."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  device = jax.devices()[0]
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  command = (["python", "-m", spec.name] if spec is not None and spec.name else
+             ["python", sys.argv[0]]) + sys.argv[1:]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "commit": _commit(),
+      "command": " ".join(command),
+      "cpu_model": _cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+      "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+  }
+
+
+def write_results(path: str | os.PathLike | None, results: dict) -> None:
+  """Writes `{"provenance": ..., **results}` as JSON to `path` (nothing if None)."""
+  if path is None:
+    return
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"provenance": provenance(), **results}, indent=1) + "\n")
+  print(f"wrote {path}")

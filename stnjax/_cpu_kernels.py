@@ -1,0 +1,301 @@
+"""CPU-only kernels of `grid_sample`, and the options that tune them.
+
+XLA:CPU emits each gathered element as a scalar load, materialises every
+scatter's updates, and fuses an elementwise producer into each of its
+consumers. Three paths work around that on CPU only (other platforms take
+`_interp` as it is, through `lax.platform_dependent` in `sampling`):
+
+* row pairs: single-channel 2-D bilinear sampling reads the two taps of an
+  image row as one complex number from a table of adjacent-pixel pairs (two
+  gathers per point instead of four), in the forward pass and for the grid
+  cotangent;
+* chunked VJP: a large VJP runs over chunks of the batch in a `lax.scan`,
+  so that its scatter buffers stay small and reused instead of fresh pages;
+* fusion boundaries (`own_loop_on_cpu`): values that fused loops would
+  recompute (the VJP's cotangent, the pair table) or slow down (the row-pair
+  output, a single-channel convolution in `layers`) get a loop of their own.
+
+Every choice is a field of `CpuOptions`, passed down as a static argument;
+`python -m scripts.bench.bench_ablations` times each against its
+alternative, and docs/performance.md explains them.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from stnjax import _interp as interp
+
+
+class CpuOptions(NamedTuple):
+  """Which CPU paths `grid_sample` takes, and their sizes (hashable: a static argument).
+
+  The defaults are what `stnjax.grid_sample` uses; tests and benchmarks pass
+  others to `sampling.grid_sample_with_options`.
+  """
+  # Gather/scatter with the example offset folded into a flat index (else
+  # the accelerators' batched form, `operand_batching_dims`).
+  flat_batch: bool = True
+  # Single-channel 2-D bilinear forward from the adjacent-pixel pair table.
+  row_pairs: bool = True
+  # The grid cotangent from the pair table too (with `row_pairs`).
+  row_pairs_vjp: bool = True
+  # The row-pair output's own loop: "flat" (one 1-D loop, whose reshape to
+  # (N, H, W, 1) is a bitcast), "rows" (a loop over (N, H * W), followed by
+  # a layout copy) or "fused" (no loop of its own).
+  output_loop: str = "flat"
+  # The VJP's output cotangent computed once in a loop of its own, rather
+  # than recomputed inside every tap's fusion.
+  cotangent_loop: bool = True
+  # VJPs run in batch chunks of at most this many cotangent elements
+  # (points x channels), so that the scatter buffers stay small.
+  chunk_elements: int = 2**18
+  # Single-channel 2-D VJPs run in one piece while their temporaries,
+  # about `ONE_PIECE_WORDS_PER_POINT` words per point, fit in this many
+  # bytes (the common STN-on-its-input case stays whole up to 42x42 at
+  # batch 256), and above it in chunks of this many elements.
+  one_piece_bytes: int = 28 * 2**20
+  single_channel_chunk_elements: int = 2**17
+
+
+DEFAULT_OPTIONS = CpuOptions()
+# XLA's temporary allocation for a single-channel image + grid VJP in one
+# piece, in words per point (`compiled.memory_analysis()`: 13 to 16).
+ONE_PIECE_WORDS_PER_POINT = 16
+
+
+def own_loop_on_cpu(x: jax.Array) -> jax.Array:
+  """Returns `x` unchanged; on CPU, computed in a loop of its own (then read from memory).
+
+  The boundary is a conditional, which XLA keeps as a separate computation:
+  its predicate is a constant passed through `lax.optimization_barrier`,
+  and with it the conditional survives XLA:CPU's simplifier
+  (tests/test_cpu_kernels.py checks the compiled HLO), whereas a barrier on
+  `x` alone does not stop the fusion. Its branches, `x` and `-(-x)`, are
+  bitwise equal (negation flips the sign bit only), so the value is `x`
+  whichever runs. The predicate does not depend on `x`, so under `jax.vmap`
+  it stays a conditional rather than a select. Other platforms get `x` as
+  is. Differentiable (the cotangent passes through the same boundary).
+  """
+  def boundary(x):
+    keep = lax.optimization_barrier(jnp.bool_(True))
+    return lax.cond(keep, lambda x: x, lambda x: -(-x), x)
+
+  return lax.platform_dependent(x, cpu=boundary, default=lambda x: x)
+
+
+def own_loop_1d(x: jax.Array) -> jax.Array:
+  """`own_loop_on_cpu(x)`, with the loop over `x` as one flat vector.
+
+  A loop over `(N, P)` is followed by a copy: XLA:CPU lays out its reshape
+  to `(N, H, W, 1)` with the size-1 channel axis major and copies it to the
+  result's layout; from a 1-D loop the reshape is a bitcast.
+  """
+  return own_loop_on_cpu(x.reshape(-1)).reshape(x.shape)
+
+
+def uses_row_pairs(image: jax.Array, spec: interp.Spec, options: CpuOptions) -> bool:
+  """Whether CPU sampling takes `sample_row_pairs`: 2-D bilinear, one channel, f32/f64, flat."""
+  return (options.row_pairs and spec.flat_batch and spec.mode == "bilinear"
+          and len(spec.spatial) == 2 and image.ndim == 2
+          and image.dtype in (jnp.float32, jnp.float64))
+
+
+def row_pair_table(image: jax.Array, spec: interp.Spec) -> jax.Array:
+  """The zero-bordered tables of horizontally adjacent pixel pairs, flat.
+
+  `pairs[b, y + 2, x0 + 2] = image[b, y, x0] + i * image[b, y, x0 + 1]` for
+  rows y in [-2, H + 1] and pairs x0 in [-2, W], pixels outside the image
+  being 0: `(N, H * W)` real -> `(N * (H + 4) * (W + 3),)` complex64/128.
+  Built in a loop of its own: fused into the gathers that read it, each read
+  of a pair would be two loads again.
+  """
+  (height, width), n = spec.spatial, image.shape[0]
+  pixels = image.reshape(n, height, width)
+  pad = lambda left, right: jnp.pad(pixels, ((0, 0), (2, 2), (left, right)))
+  return own_loop_on_cpu(jax.lax.complex(pad(2, 1), pad(1, 2))).reshape(-1)
+
+
+class _RowPairTaps(NamedTuple):
+  """Where and how each output point reads the pair table: arrays of shape `(M, P)`."""
+  index: jax.Array  # int32 flat table index of the top row's pair; the bottom row's is + W + 3.
+  row_weights: tuple[jax.Array, jax.Array]  # The top and bottom row's weights.
+  col_weights: tuple[jax.Array, jax.Array]  # The left and right pixel's weights.
+
+
+def _row_pair_taps(coords, spec: interp.Spec, num_images: int, first=0,
+                   count: int | None = None) -> _RowPairTaps:
+  """The pair-table taps at pixel `coords` `(G, P)` (rows, columns) for examples `first + [0, M)`.
+
+  M = `count` if given, else max(G, `num_images`). The top row and the left
+  pair are clipped to y0 in [-2, H] and x0 in [-2, W]: a clipped row or pair
+  lies outside the image, and so does the one it is moved to, which reads
+  zeros. So no tap needs a mask, and the bottom row's pair is the top's
+  plus one table row.
+  """
+  height, width = spec.spatial
+  rows, cols = coords
+  top, left = jnp.floor(rows), jnp.floor(cols)
+  row_stride = width + 3
+  index = ((jnp.clip(top.astype(jnp.int32), -2, height) + 2) * row_stride
+           + jnp.clip(left.astype(jnp.int32), -2, width) + 2)
+  if num_images > 1:  # Example b's table starts at b * (H + 4) * (W + 3).
+    count = max(num_images, rows.shape[0]) if count is None else count
+    index = interp.flat_index(index, (height + 4) * row_stride, first, count)
+  return _RowPairTaps(index, (top + 1 - rows, rows - top), (left + 1 - cols, cols - left))
+
+
+def sample_row_pairs(image, coords, spec: interp.Spec):
+  """Bilinear sampling of single-channel images with one gather per image row.
+
+  For XLA:CPU, which emits each gathered element as a scalar load: the two
+  taps of a row, `(y, x0)` and `(y, x0 + 1)`, are adjacent pixels, so they
+  are read as one complex number from a table of horizontally adjacent pixel
+  pairs (`row_pair_table`). Two gathers per point instead of four. Each row
+  contributes `Re(pair * (wy * wx0 - i * wy * wx1)) = wy * (wx0 * left + wx1 * right)`:
+  one complex multiply, so that each gather has a single consumer and XLA
+  fuses it into the sampler's loop. The values equal `interp.sample`'s to float
+  round-off (the four products are summed in another order).
+
+  The table has a border of zeros (pixels outside the image are 0), so no
+  value needs a mask (`_row_pair_taps`).
+
+  Args:
+    image: `(N, H * W)`, float32 or float64 (the table is complex64/128).
+    coords: pixel-coordinate planes `(G, P)`, (rows, columns).
+    spec: a 2-D bilinear spec with `flat_batch`.
+
+  Returns:
+    `(max(G, N), P)`.
+  """
+  pairs = row_pair_table(image, spec).reshape(1, -1)  # One "image" holding every table.
+  taps = _row_pair_taps(coords, spec, image.shape[0])
+  (wx0, wx1), out = taps.col_weights, 0.0
+  for dy, wy in enumerate(taps.row_weights):
+    pair = interp.gather_rows(pairs, taps.index + dy * (spec.spatial[1] + 3), flat=False)
+    out = out + jax.lax.real(pair * jax.lax.complex(wy * wx0, -(wy * wx1)))
+  return out
+
+
+def row_pairs_coords_vjp(pairs, num_images, coords, cotangent, spec: interp.Spec, first=0):
+  """The coordinate cotangent of `sample_row_pairs`, for cotangent rows `first + [0, n)`.
+
+  Args:
+    pairs: the flat pair tables, `row_pair_table(image)`.
+    num_images: N, the number of images the tables hold.
+    coords: pixel-coordinate planes `(G, P)` (rows, columns): the rows for
+      these examples, or one shared row (G = 1).
+    cotangent: `(n, P)`, the output cotangent of these examples.
+    spec: as for `sample_row_pairs`.
+    first: index of the first example (may be traced).
+
+  Returns:
+    `(rows_bar, cols_bar)`, `(n, P)` each: per example, not yet summed
+    over a shared grid.
+
+  Two complex gathers per point instead of `interp.sample_vjp`'s four real ones. A
+  row's pair `left + i * right` contributes `wy * (wx0 * left + wx1 * right)`
+  to the output, with `wx0 = x0 + 1 - x`, `wx1 = x - x0` and `wy` likewise
+  for the rows, so d out / d column = `sum_rows wy * (right - left)` and
+  d out / d row = `wx0 * (left1 - left0) + wx1 * (right1 - right0)`.
+  """
+  taps = _row_pair_taps(coords, spec, num_images, first, cotangent.shape[0])
+  (wx0, wx1), pairs = taps.col_weights, pairs.reshape(1, -1)
+  top = interp.gather_rows(pairs, taps.index, flat=False)
+  bottom = interp.gather_rows(pairs, taps.index + spec.spatial[1] + 3, flat=False)
+  step = bottom - top
+  rows_bar = cotangent * (wx0 * jax.lax.real(step) + wx1 * jax.lax.imag(step))
+  cols_bar = cotangent * sum(wy * (jax.lax.imag(p) - jax.lax.real(p))
+                             for wy, p in zip(taps.row_weights, (top, bottom)))
+  return rows_bar, cols_bar
+
+
+
+
+def vjp_chunks(cotangent, spec: interp.Spec, options: CpuOptions = DEFAULT_OPTIONS) -> int:
+  """How many batch chunks the CPU VJP for `cotangent (N, P[, C])` runs in."""
+  n, elements_per_example = cotangent.shape[0], math.prod(cotangent.shape[1:])
+  if cotangent.ndim > 2 or len(spec.spatial) != 2:
+    return num_chunks(n, elements_per_example, options.chunk_elements)
+  one_piece_bytes = cotangent.size * ONE_PIECE_WORDS_PER_POINT * cotangent.dtype.itemsize
+  if one_piece_bytes <= options.one_piece_bytes:
+    return 1
+  return num_chunks(n, elements_per_example, options.single_channel_chunk_elements)
+
+
+def num_chunks(n: int, elements_per_example: int, budget: int) -> int:
+  """The fewest equal chunks of the n examples within `budget` elements (1: don't chunk).
+
+  Examples larger than the budget get one chunk each.
+  """
+  needed = -(-n * elements_per_example // budget)
+  if needed <= 1:
+    return 1
+  if needed >= n:
+    return n
+  chunks = next(d for d in range(needed, n + 1) if n % d == 0)
+  return chunks if chunks <= 2 * needed else 1  # No good divisor: one piece.
+
+
+def grid_vjp_chunked(image, grid, cotangent, spec: interp.Spec, chunks: int, coords_vjp=None):
+  """`interp.grid_vjp` over `chunks` equal chunks of examples, in a `lax.scan`.
+
+  CPU only, with flat indices (`spec.flat_batch`): every chunk scatter-adds
+  into the one image cotangent carried through the loop (rows of chunk i
+  start at example `i * chunk`), so no per-chunk buffer is stacked.
+  """
+  n = cotangent.shape[0]
+  chunk = n // chunks
+  grid_batched = grid[0].shape[0] > 1
+
+  def body(carry, xs):
+    image_bar, shared_grid_bar = carry
+    first, part_grid, part_cotangent = xs
+    image_bar, part_bar = interp.grid_vjp(image, grid if part_grid is None else part_grid,
+                                    part_cotangent, spec, image_bar, first, coords_vjp)
+    if grid_batched:  # Per-example planes are stacked; a shared grid accumulates.
+      return (image_bar, shared_grid_bar), part_bar
+    return (image_bar, tuple(a + b for a, b in zip(shared_grid_bar, part_bar))), None
+
+  xs = (jnp.arange(chunks, dtype=jnp.int32) * chunk,
+        tuple(c.reshape(chunks, chunk, -1) for c in grid) if grid_batched else None,
+        cotangent.reshape(chunks, chunk, *cotangent.shape[1:]))
+  init = (jnp.zeros_like(image), tuple(jnp.zeros_like(c) for c in grid))
+  (image_bar, grid_bar), stacked = jax.lax.scan(body, init, xs)
+  if grid_batched:
+    grid_bar = tuple(c.reshape(n, -1) for c in stacked)
+  return image_bar, grid_bar
+
+
+def forward(image, coords, spec: interp.Spec, options: CpuOptions):
+  """CPU sampling of `image (N, S[, C])` at pixel `coords`: `interp.sample` or row pairs."""
+  spec = spec._replace(flat_batch=options.flat_batch)
+  if not uses_row_pairs(image, spec, options):
+    return interp.sample(image, coords, spec)
+  out = sample_row_pairs(image, coords, spec)
+  # Fused into the reshape to (..., H_out, W_out, 1), the loop would run over
+  # that shape, and XLA:CPU computes the tail of each row as scalars.
+  loop = {"flat": own_loop_1d, "rows": own_loop_on_cpu, "fused": lambda x: x}[options.output_loop]
+  return loop(out)
+
+
+def backward(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
+  """CPU VJP of sampling at grid planes: `(image_bar, grid_bar)`, in chunks when large."""
+  if options.cotangent_loop:  # Every tap reads it (twice for bilinear): compute it once.
+    cotangent = own_loop_on_cpu(cotangent)
+  spec = spec._replace(flat_batch=options.flat_batch)
+  coords_vjp = None
+  if options.row_pairs_vjp and uses_row_pairs(image, spec, options):
+    pairs = row_pair_table(image, spec)
+    coords_vjp = lambda coords, cotangent, first: row_pairs_coords_vjp(
+        pairs, image.shape[0], coords, cotangent, spec, first)
+  chunks = vjp_chunks(cotangent, spec, options)
+  if chunks == 1:
+    return interp.grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image),
+                           coords_vjp=coords_vjp)
+  # The chunked VJP offsets each chunk's rows, which only flat indices can.
+  return grid_vjp_chunked(image, grid, cotangent, spec._replace(flat_batch=True), chunks,
+                          coords_vjp)
