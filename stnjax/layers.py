@@ -1,18 +1,18 @@
 """Faster drop-ins for two Flax/lax layers that are slow to differentiate on CPU.
 
-* `conv_general_dilated`: `lax.conv_general_dilated` with a hand-written VJP
-  for plain 2-D convolutions (stride 1, no dilation, no groups, channels
-  last). Pass it to Flax as `nn.Conv(..., conv_general_dilated=layers.
+* `conv_general_dilated`: `lax.conv_general_dilated`, faster on CPU for
+  plain 2-D convolutions (stride 1, no dilation, no groups, channels last).
+  Pass it to Flax as `nn.Conv(..., conv_general_dilated=layers.
   conv_general_dilated)`: same parameters, same values up to float
-  round-off. XLA:CPU lowers the input gradient of a convolution with few
-  input channels to a slow transposed convolution; the VJP here computes it
-  as a matrix product of the output cotangent with the kernel followed by a
-  sum of shifted copies ("col2im"), several times faster for the STN
-  tutorial's 5x5, 1 -> 10 channel layer. The kernel gradient keeps XLA's
-  own convolution, which is fast. A single-channel input (a network's first
-  layer) is convolved as fused multiply-adds, faster than XLA's convolution
-  there, and on CPU in a loop of their own (`_cpu_kernels.own_loop_on_cpu`):
-  fused into the max pool that follows, they ran several times slower.
+  round-off. XLA:CPU's own convolution runs far below its matrix product's
+  speed, so on CPU a multi-channel input is convolved as `kh` matrix
+  products of width-only patches, and autodiff of that form gives both
+  gradients as matrix products (other platforms keep XLA's convolution).
+  A single-channel input (a network's first layer) keeps a hand-written
+  VJP: its input gradient is a matrix product with the kernel followed by a
+  sum of shifted copies ("col2im"), where XLA would lower a slow transposed
+  convolution; with few output channels its forward is fused multiply-adds
+  in a loop of their own (`_cpu_kernels.own_loop_on_cpu`).
   Re-run: `python -m scripts.bench.bench_ablations --rows conv`.
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
@@ -77,6 +77,34 @@ def _conv_one_input_channel(x, w, padding):
   return out
 
 
+def _conv_as_row_matmuls(x, w, padding):
+  """The convolution as `kh` matrix products of width-only patches `(N, H, Wo, kw * C)`.
+
+  XLA:CPU's own convolution of a wide layer (7x7, 86 -> 86 channels) runs far
+  below its matrix product's speed, forward and backward; patches along the
+  width only hold `kw` (not `kh * kw`) copies of the input, which keeps them
+  near the cache. Autodiff of this form gives both gradients as matrix
+  products too (`python -m scripts.bench.bench_ablations --rows conv`).
+  """
+  kh, kw, cin, cout = w.shape
+  x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
+  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  patches = jnp.concatenate([x[:, :, j:j + wo, :] for j in range(kw)], axis=-1)
+  out = jnp.dot(patches[:, 0:ho], w[0].reshape(kw * cin, cout))
+  for i in range(1, kh):
+    out = out + jnp.dot(patches[:, i:i + ho], w[i].reshape(kw * cin, cout))
+  return out
+
+
+def _conv_multichannel(x, w, padding, cpu_form):
+  """A plain convolution of a multi-channel input: on CPU in `cpu_form`, elsewhere XLA's."""
+  if cpu_form == "xla":
+    return _conv2d(x, w, padding)
+  return lax.platform_dependent(
+      x, w, cpu=lambda x, w: _conv_as_row_matmuls(x, w, padding),
+      default=lambda x, w: _conv(x, w, padding))
+
+
 def _conv_as_matmul(x, w, padding):
   """The same convolution as shifted slices and one matrix product (im2col)."""
   kh, kw, cin, cout = w.shape
@@ -87,9 +115,15 @@ def _conv_as_matmul(x, w, padding):
   return jnp.dot(patches, w.reshape(kh * kw * cin, cout))
 
 
+# A single-channel input is convolved as multiply-adds up to this many output
+# channels; wider first layers (9x9, 1 -> 86 in the paper's CNN) are faster
+# as XLA's convolution (`python -m scripts.bench.bench_ablations --rows conv`).
+_MAX_MULTIPLY_ADD_CHANNELS = 32
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv2d(x, w, padding):
-  if x.shape[-1] == 1:
+  if x.shape[-1] == 1 and w.shape[-1] <= _MAX_MULTIPLY_ADD_CHANNELS:
     # XLA:CPU fuses these multiply-adds into each consumer (the max pool after
     # a network's first layer), where they run several times slower than
     # alone: computed in a loop of their own instead.
@@ -113,23 +147,29 @@ def _conv2d_bwd(padding, residuals, cotangent):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+CPU_CONV_FORMS = ("row_matmuls", "xla")
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, with a faster VJP for plain channels-last 2-D convolutions.
+                         precision=None, preferred_element_type=None, *,
+                         cpu_form: str = "row_matmuls"):
+  """`lax.conv_general_dilated`, faster on CPU for plain channels-last 2-D convolutions.
 
   Same signature and values. Plain means: `(N, H, W, C)` input, `(kh, kw,
-  C, O)` kernel with kh * kw * C <= 256, unit strides and dilations, no
-  feature or batch groups, default precision and result type. Everything
-  else goes to `lax.conv_general_dilated` unchanged. The VJP is written with
-  differentiable ops, so higher-order reverse-mode derivatives work.
+  C, O)` kernel, unit strides and dilations, no feature or batch groups,
+  default precision and result type. Everything else goes to
+  `lax.conv_general_dilated` unchanged. `cpu_form` picks the CPU path of a
+  multi-channel input: "row_matmuls" (default, the module docstring) or
+  "xla" (XLA's forward, the col2im input gradient up to 256 patch columns;
+  for ablations). Every path is written with differentiable ops, so
+  higher-order reverse-mode derivatives work.
   """
   plain = (_is_channels_last_2d(dimension_numbers, jnp.ndim(lhs))
            and tuple(window_strides) == (1, 1)
            and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
            and feature_group_count == 1 and batch_group_count == 1
-           and precision is None and preferred_element_type is None
-           and math.prod(jnp.shape(rhs)[:3]) <= _MAX_PATCH_WIDTH)
+           and precision is None and preferred_element_type is None)
   explicit = _explicit_padding(padding, jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2]) if plain else ()
   if not plain or any(p < 0 for pair in explicit for p in pair):  # Negative padding crops.
     return lax.conv_general_dilated(
@@ -137,6 +177,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
+  if cpu_form not in CPU_CONV_FORMS:
+    raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
+  if jnp.shape(lhs)[-1] > 1:
+    if cpu_form == "xla" and math.prod(jnp.shape(rhs)[:3]) > _MAX_PATCH_WIDTH:
+      return _conv(lhs, rhs, explicit)
+    return _conv_multichannel(lhs, rhs, explicit, cpu_form)
   return _conv2d(lhs, rhs, explicit)
 
 

@@ -17,23 +17,27 @@ def lax_conv(x, w, padding, strides=(1, 1)):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
 
 
-def ours_conv(x, w, padding, strides=(1, 1)):
-  return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+def ours_conv(x, w, padding, strides=(1, 1), cpu_form="row_matmuls"):
+  return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                     cpu_form=cpu_form)
 
 
-# (input H, W, C), kernel (kh, kw, O): a single input channel (the fused
-# multiply-add forward), a few channels (the custom VJP), and wide patches
-# (5 * 5 * 12 = 300 > 256: plain lax).
-CONV_CASES = [((9, 10, 1), (5, 5, 3)), ((7, 8, 4), (3, 3, 2)), ((6, 6, 12), (5, 5, 2))]
+# (input H, W, C), kernel (kh, kw, O): a single input channel with few outputs
+# (the fused multiply-add forward) and with many (XLA's forward), a few
+# channels, and wide patches (5 * 5 * 12 = 300: the "xla" form leaves them
+# to lax entirely); multi-channel inputs take the row-matmul form on CPU.
+CONV_CASES = [((9, 10, 1), (5, 5, 3)), ((9, 10, 1), (3, 3, 40)), ((7, 8, 4), (3, 3, 2)),
+              ((6, 6, 12), (5, 5, 2)), ((9, 9, 6), (7, 7, 5))]
 PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3))]
 
 
+@pytest.mark.parametrize("cpu_form", layers.CPU_CONV_FORMS)
 @pytest.mark.parametrize("in_shape,kernel", CONV_CASES)
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_conv_matches_lax_values_and_vjp(x64, rng, in_shape, kernel, padding):
+def test_conv_matches_lax_values_and_vjp(x64, rng, in_shape, kernel, padding, cpu_form):
   x = jnp.asarray(rng.normal(size=(2,) + in_shape))
   w = jnp.asarray(rng.normal(size=kernel[:2] + (in_shape[-1], kernel[-1])))
-  out, vjp = jax.vjp(lambda x, w: ours_conv(x, w, padding), x, w)
+  out, vjp = jax.vjp(lambda x, w: ours_conv(x, w, padding, cpu_form=cpu_form), x, w)
   ref, ref_vjp = jax.vjp(lambda x, w: lax_conv(x, w, padding), x, w)
   cotangent = jnp.asarray(rng.normal(size=ref.shape))
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
@@ -101,3 +105,19 @@ def test_max_pool_ties_share_the_gradient():
   x = jnp.ones((1, 2, 2, 1))
   grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, (2, 2), (2, 2))))(x)
   np.testing.assert_allclose(grad, 0.25)
+
+
+def test_conv_form_is_checked():
+  x, w = jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 2))
+  with pytest.raises(ValueError, match="cpu_form"):
+    ours_conv(x, w, "SAME", cpu_form="gemm")
+
+
+def test_accelerators_keep_xla_convolution():
+  x = jax.ShapeDtypeStruct((2, 12, 12, 6), jnp.float32)
+  w = jax.ShapeDtypeStruct((7, 7, 6, 5), jnp.float32)
+  grad = jax.grad(lambda x, w: jnp.sum(ours_conv(x, w, "VALID") ** 2), argnums=(0, 1))
+  for platform in ("cuda", "tpu", "cpu"):
+    module = jax.export.export(jax.jit(grad), platforms=(platform,))(x, w).mlir_module()
+    convolutions = module.count("stablehlo.convolution")
+    assert (convolutions == 0) == (platform == "cpu"), (platform, convolutions)

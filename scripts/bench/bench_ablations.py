@@ -38,6 +38,7 @@ JSON.
 """
 
 import argparse
+import functools
 import statistics
 
 import flax.linen as nn
@@ -140,6 +141,29 @@ def rows():
          lambda: ours_grad(x, kernel, out_cotangent), lambda: lax_grad(x, kernel, out_cotangent))
   yield ("conv 5x5 1->10 forward 64x28x28: layers vs lax", "layers.conv_general_dilated",
          lambda: ours_fwd(x, kernel), lambda: lax_fwd(x, kernel))
+  # The paper-size CNN's layers (unpadded, 400k parameters) at batch 128:
+  # forward and both gradients of a 9x9 1->86 first layer on RTS's 42x42 and a
+  # 7x7 86->86 second layer on its 17x17 maps; the ST-CNN's 21x21 classifier.
+  paper_convs = (("9x9 1->86 128x42x42", (128, 42, 42, 1), (9, 9, 1, 86)),
+                 ("7x7 86->86 128x17x17", (128, 17, 17, 86), (7, 7, 86, 86)),
+                 ("7x7 87->87 128x7x7", (128, 7, 7, 87), (7, 7, 87, 87)))
+  for label, x_shape, k_shape in paper_convs:
+    px = jax.random.normal(jax.random.key(3), x_shape)
+    pk = jax.random.normal(jax.random.key(4), k_shape) * 0.1
+
+    def both_grads(conv):
+      return jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.tanh(
+          conv(x, k, (1, 1), "VALID", dimension_numbers=dims))), argnums=(0, 1)))
+
+    ours = both_grads(layers.conv_general_dilated)
+    if k_shape[2] == 1:  # One input channel: the col2im VJP against XLA's convolution.
+      xla_form, what = both_grads(jax.lax.conv_general_dilated), "layers vs lax"
+    else:
+      xla_form = both_grads(functools.partial(layers.conv_general_dilated, cpu_form="xla"))
+      what = "row matmuls vs cpu_form='xla'"
+    yield (f"conv {label} fwd + both grads: {what}", "cpu_form",
+           lambda ours=ours, px=px, pk=pk: ours(px, pk),
+           lambda xla_form=xla_form, px=px, pk=pk: xla_form(px, pk))
   yield ("STN tutorial training step: layers.max_pool vs nn.max_pool", "layers.max_pool",
          bench_train.flax_tutorial_step(), bench_train.flax_tutorial_step(max_pool=nn.max_pool))
 
