@@ -119,7 +119,7 @@ def parse_args(argv):
   parser.add_argument("--seeds", type=int, default=3,
                       help="Seeds per cell, trained together (vmap): seeds first_seed..+N-1.")
   parser.add_argument("--first_seed", type=int, default=0)
-  parser.add_argument("--preset", default="paper", choices=["paper", "short", "test"])
+  parser.add_argument("--preset", default="paper", choices=["paper", "cpu", "short", "test"])
   parser.add_argument("--num_steps", type=int, default=None,
                       help="Override the preset's iterations (reduced protocols); scales the "
                       "step-decay boundaries (see the docstring).")
