@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
-import jax
 import ml_collections
 
 CONFIG = "config.json"
@@ -264,7 +263,9 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     `{"step", "params", "opt_state"}`; every leaf but `step` has a leading
     seed axis (see `stnjax.train.TrainState`).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy; readers of metrics do not need it)
+  # pylint: disable=g-import-not-at-top  (heavy; readers of metrics and figures need neither)
+  import jax
+  import orbax.checkpoint as ocp
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}.")
@@ -285,6 +286,7 @@ def restore(workdir: str, *, seed_index: int = 0, step: int | None = None):
   [0, 1] of the run's input shape `(B, S, S, C)`. `seed_index` picks one of
   the `config.num_seeds` vmapped models (0: seed `config.seed`).
   """
+  import jax  # pylint: disable=g-import-not-at-top
   from stnjax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
   config = load_config(workdir)
   if not 0 <= seed_index < int(config.num_seeds):
