@@ -274,8 +274,14 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
   if step not in steps:
     raise ValueError(f"`step` {step} has no checkpoint in {checkpoint_dir(workdir)}; "
                      f"available: {steps}.")
-  with ocp.CheckpointManager(checkpoint_dir(workdir)) as manager:
-    raw = manager.restore(step, args=ocp.args.StandardRestore())
+  # Restored onto this process's first device, whatever devices saved it.
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  path = os.path.join(checkpoint_dir(workdir), str(step), "default")  # The manager's one item.
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            metadata)
+    raw = checkpointer.restore(path, abstract)
   return jax.device_get(dict(raw))
 
 
