@@ -212,7 +212,7 @@ def _parse_metrics(path: str) -> list[dict]:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Every logged line of `metrics.jsonl` in file order ([] if none); a torn last line is skipped."""
+  """The lines of `metrics.jsonl` in file order ([] if none), a torn last line skipped."""
   path = metrics_path(workdir)
   return _parse_metrics(path) if os.path.exists(path) else []
 

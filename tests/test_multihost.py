@@ -30,7 +30,8 @@ _PROCESS = textwrap.dedent("""
     sys.path.insert(0, {configs!r})
     sys.path.insert(0, {tests!r})
     from stnjax import train
-    port, process_id, workdir, kill_after = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    kill_after = int(sys.argv[4])
     train.initialize_distributed(f"localhost:{{port}}", 2, process_id)
     import jax
     from test_train import tiny_config

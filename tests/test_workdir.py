@@ -48,7 +48,8 @@ def test_restore_classifies_in_three_lines(trained):
 
 
 @pytest.mark.parametrize("overrides, fields", [
-    ({"data.variant": "P", "train.lr": 0.5}, r"data\.variant: \"R\" -> \"P\", train\.lr: 0\.003 -> 0\.5"),
+    ({"data.variant": "P", "train.lr": 0.5},
+     r"data\.variant: \"R\" -> \"P\", train\.lr: 0\.003 -> 0\.5"),
     ({"model.name": "st_cnn_aff"}, r"model\.name: \"st_fcn_aff\" -> \"st_cnn_aff\""),
     ({"model.width": 16}, r"model\.width: 8 -> 16"),
     ({"seed": 3}, r"seed: 0 -> 3"),
