@@ -1,4 +1,4 @@
-"""Static-argument checks of sampler and grids; the models' float32 path vs torch; half precision."""
+"""Static-argument checks of sampler and grids; the models' float32 path vs torch; half floats."""
 
 import jax
 import jax.numpy as jnp
