@@ -18,6 +18,7 @@ dimensions on it.
 """
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -70,22 +71,15 @@ def base_grid(out_shape: Sequence[int], *, align_corners: bool = False) -> np.nd
 def _base_points(out_shape: tuple[int, ...], align_corners: bool, dtype) -> jax.Array:
   """The base grid as `(P, n + 1)` homogeneous rows `[x, y(, z), 1]`, built by XLA.
 
-  Nothing is built on the host, so the size of `out_shape` costs nothing
-  until the grid is computed (e.g. under `jax.eval_shape`). Each coordinate
-  is `(2i - (n - 1)) / (n - 1)` (align_corners) or `(2i + 1 - n) / n`, one
-  correctly rounded division, at least in float32.
+  Only the per-axis coordinates (`base_coordinates`, float64, a few values
+  per output row or column) are made on the host, so a huge `out_shape`
+  costs nothing until the grid is computed (e.g. under `jax.eval_shape`);
+  the values are those of `base_grid` cast to `dtype`.
   """
-  compute = jnp.promote_types(dtype, jnp.float32)
-
-  def axis(size):
-    i = jnp.arange(size, dtype=compute)
-    if size <= 1:
-      return jnp.zeros((size,), compute)
-    return (2 * i - (size - 1)) / (size - 1) if align_corners else (2 * i + 1 - size) / size
-
-  mesh = jnp.meshgrid(*[axis(s) for s in out_shape], indexing="ij")[::-1]  # (x, y[, z]).
-  points = [m.reshape(-1) for m in mesh] + [jnp.ones((int(np.prod(out_shape)),), compute)]
-  return jnp.stack(points, axis=-1).astype(dtype)
+  axes = [jnp.asarray(base_coordinates(s, align_corners), dtype) for s in out_shape]
+  mesh = jnp.meshgrid(*axes, indexing="ij")[::-1]  # (x, y[, z]).
+  points = [m.reshape(-1) for m in mesh] + [jnp.ones((math.prod(out_shape),), dtype)]
+  return jnp.stack(points, axis=-1)
 
 
 def _homogeneous(points: np.ndarray) -> np.ndarray:

@@ -140,7 +140,6 @@ _SHARDED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config, leaves
     from stnjax import train
-from stnjax import workdir
     assert jax.device_count() == 4, jax.devices()
     from test_train import SGD
     state = train.train_and_evaluate(tiny_config(**SGD), {workdir!r})
@@ -178,7 +177,6 @@ _MANY_STEPS_IN_FLIGHT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
     from stnjax import train
-from stnjax import workdir
     assert jax.device_count() == 4, jax.devices()
     config = tiny_config(model="st_cnn_aff", **{{"train.num_steps": 200, "log_every": 200,
                                                  "eval_every": 200, "checkpoint_every": 200}})
