@@ -10,18 +10,16 @@ same model and data are pooled), the steps and the preset's batch size.
 
 import argparse
 import collections
-import json
-import os
 
 import numpy as np
+
+from stnjax import workdir as workdir_lib
 
 
 def read_evals(workdir):
   """`(config dict, every eval line of metrics.jsonl in step order)`; raises if none yet."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = json.load(f)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    evals = [m for m in map(json.loads, filter(str.strip, f)) if "test/error_per_seed" in m]
+  config = workdir_lib.load_config(workdir).to_dict()
+  evals = [m for m in workdir_lib.read_evals(workdir) if "test/error_per_seed" in m]
   if not evals:
     raise ValueError(f"{workdir}: no eval metrics yet.")
   return config, evals

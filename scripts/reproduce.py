@@ -91,6 +91,7 @@ import make_results_table  # pylint: disable=g-import-not-at-top,wrong-import-po
 from stnjax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from stnjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG_FILE = os.path.join(REPO, "experiments", "configs", "distorted_mnist.py")
 SCHEMA_VERSION = 1
@@ -266,36 +267,13 @@ def num_params(config):
   m = config.model
   model = models.create_model(m.name, input_shape, num_classes, width=m.get("width"),
                               param_budget=m.get("param_budget"), st_pool=m.get("st_pool", 1),
-                              padding=m.get("padding", "SAME"))
+                              padding=m.padding)
   return models.count_params(model, input_shape)
-
-
-def _check_workdir_config(config, workdir):
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
-    wanted = json.loads(config.to_json_best_effort(sort_keys=True))
-    if existing != wanted:
-      diff = sorted(k for k in set(_flatten(existing)) | set(_flatten(wanted))
-                    if _flatten(existing).get(k) != _flatten(wanted).get(k))
-      raise ValueError(f"{path} was written by a different config (fields {diff}); use another "
-                       f"--protocol_name or delete {workdir}.")
-
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _finished(workdir, num_steps):
   """Whether the workdir has its final checkpoint and its final evaluation."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps))):
+  if num_steps not in workdir_lib.checkpoint_steps(workdir):
     return False
   try:
     _, evals = make_results_table.read_evals(workdir)
@@ -320,9 +298,8 @@ def make_records(args, config, variant, model, workdir, wall_time_s, argv):
   num_steps = int(config.train.num_steps)
   if last["step"] != num_steps:
     raise RuntimeError(f"{workdir}: last eval at step {last['step']}, expected {num_steps}.")
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    sps = [m["train/steps_per_sec"] for m in map(json.loads, filter(str.strip, f))
-           if "train/steps_per_sec" in m]
+  sps = [m["train/steps_per_sec"] for m in workdir_lib.read_metrics(workdir)
+         if "train/steps_per_sec" in m]
   candidates = [m for m in evals if m["step"] > 0] or evals
   commit, dirty = git_commit()
   common = {
@@ -368,7 +345,11 @@ def run_cell(args, config, variant, model, argv):
     return []
   workdir = os.path.join(args.workdir_root, args.protocol_name, workdir_name(args, variant, model))
   os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(config, workdir)
+  # Strict: the records must describe one config, so even a field that
+  # would not change the run (e.g. a longer --num_steps) is refused.
+  workdir_lib.check_resumable(
+      config, workdir, strict=True,
+      how_to_proceed=f"Use another --protocol_name or delete {workdir}")
   print(f"[reproduce] {args.protocol_name}/{variant}_{model}: training {len(seeds)} seed(s), "
         f"{config.train.num_steps} steps, workdir {workdir}", flush=True)
   wall_path = os.path.join(workdir, "reproduce_wall_time.json")

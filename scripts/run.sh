@@ -39,12 +39,5 @@ start=$(date +%s)
   --workdir "$WORKDIR" "$@"
 .venv/bin/python scripts/figures.py --workdir "$WORKDIR"
 end=$(date +%s)
-.venv/bin/python - "$WORKDIR" <<'PY'
-import json, sys
-evals = [m for m in map(json.loads, open(f"{sys.argv[1]}/metrics.jsonl")) if "test/error" in m]
-last = evals[-1]
-print(f"step {last['step']}: test error {last['test/error']:.2f}% "
-      f"({last['test/ncorrect'][0]}/{last['test/nseen']} correct), "
-      f"validation error {last['validation/error']:.2f}%")
-PY
+.venv/bin/python scripts/report.py --workdir "$WORKDIR"
 echo "wall time: $((end - start)) s"

@@ -5,13 +5,12 @@
 * `transformer_gif`: the same grid at every eval step, as an animated GIF;
 * `learning_curves`: train loss, validation and test error against steps.
 
-Reads `metrics.jsonl` and `st_outputs/` written by `stnjax.train`:
+Reads `metrics.jsonl` and `st_outputs/` written by `stnjax.train` (through
+`stnjax.workdir`):
 `inputs.npy` `(N, H, W, C)` in [0, 1], `step_XXXXXXXX.npy`
 `(N, num_transformers, H, W, C)`. Channels are shown side by side.
 """
 
-import glob
-import json
 import os
 
 import matplotlib
@@ -22,21 +21,22 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import ImageDraw  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from stnjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def load_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The lines of `metrics.jsonl` (`stnjax.workdir.read_metrics`)."""
+  return workdir_lib.read_metrics(workdir)
 
 
 def st_snapshots(workdir: str) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
   """`(inputs, [(step, outputs), ...])` sorted by step; raises if there are none."""
-  d = os.path.join(workdir, "st_outputs")
-  files = sorted(glob.glob(os.path.join(d, "step_*.npy")))
+  d = workdir_lib.st_outputs_dir(workdir)
+  files = workdir_lib.snapshot_steps(workdir)
   if not files:
     raise FileNotFoundError(f"No transformer snapshots in {d} (is the model an ST model?).")
   inputs = np.load(os.path.join(d, "inputs.npy"))
-  steps = [(int(os.path.basename(f)[5:13]), np.load(f)) for f in files]
-  return inputs, steps
+  return inputs, [(step, np.load(path)) for step, path in files]
 
 
 def _tile(inputs: np.ndarray, outputs: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -110,7 +110,7 @@ def write_all(workdir: str, out_dir: str | None = None) -> list[str]:
   out_dir = out_dir or os.path.join(workdir, "figures")
   os.makedirs(out_dir, exist_ok=True)
   paths = [learning_curves(workdir, os.path.join(out_dir, "learning_curves.png"))]
-  if glob.glob(os.path.join(workdir, "st_outputs", "step_*.npy")):
+  if workdir_lib.snapshot_steps(workdir):
     paths.append(transformer_grid(workdir, os.path.join(out_dir, "transformer_grid.png")))
     paths.append(transformer_gif(workdir, os.path.join(out_dir, "transformer.gif")))
   return paths

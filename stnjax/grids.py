@@ -18,6 +18,7 @@ dimensions on it.
 """
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stnjax import _batching
+from stnjax import _checks
 
 # Projective denominators with |w| below this are pushed to +-_PROJECTIVE_EPS.
 _PROJECTIVE_EPS = 1e-6
@@ -60,9 +62,24 @@ def base_coordinates(size: int, align_corners: bool) -> np.ndarray:
 
 def base_grid(out_shape: Sequence[int], *, align_corners: bool = False) -> np.ndarray:
   """The identity grid `(*out_shape, ndim)`, last axis `(x, y[, z])` (float64 numpy)."""
+  align_corners = _checks.static_bool(align_corners, "align_corners")
   axes = [base_coordinates(s, align_corners) for s in out_shape]
   mesh = np.meshgrid(*axes, indexing="ij")  # Array order (z,) y, x.
   return np.stack(mesh[::-1], axis=-1)  # Reverse to (x, y[, z]).
+
+
+def _base_points(out_shape: tuple[int, ...], align_corners: bool, dtype) -> jax.Array:
+  """The base grid as `(P, n + 1)` homogeneous rows `[x, y(, z), 1]`, built by XLA.
+
+  Only the per-axis coordinates (`base_coordinates`, float64, a few values
+  per output row or column) are made on the host, so a huge `out_shape`
+  costs nothing until the grid is computed (e.g. under `jax.eval_shape`);
+  the values are those of `base_grid` cast to `dtype`.
+  """
+  axes = [jnp.asarray(base_coordinates(s, align_corners), dtype) for s in out_shape]
+  mesh = jnp.meshgrid(*axes, indexing="ij")[::-1]  # (x, y[, z]).
+  points = [m.reshape(-1) for m in mesh] + [jnp.ones((math.prod(out_shape),), dtype)]
+  return jnp.stack(points, axis=-1)
 
 
 def _homogeneous(points: np.ndarray) -> np.ndarray:
@@ -114,7 +131,7 @@ def affine_grid(theta: jax.Array, out_shape: Sequence[int], *,
     raise ValueError(f"`theta` must have shape (..., 2, 3) or (..., 3, 4), got {theta.shape}.")
   ndim = theta.shape[-2]
   out_shape = _check_out_shape(out_shape, ndim, f"a theta of shape {theta.shape}")
-  base = jnp.asarray(_homogeneous(base_grid(out_shape, align_corners=align_corners)), theta.dtype)
+  base = _base_points(out_shape, _checks.static_bool(align_corners, "align_corners"), theta.dtype)
 
   def one(t):
     return jnp.stack(_apply_matrix(t, base), axis=-1).reshape(out_shape + (ndim,))
@@ -146,8 +163,8 @@ def projective_grid(homography: jax.Array, out_shape: Sequence[int], *,
   if homography.ndim < 2 or homography.shape[-2:] != (3, 3):
     raise ValueError(f"`homography` must have shape (..., 3, 3), got {homography.shape}.")
   out_shape = _check_out_shape(out_shape, 2, "a projective grid")
-  base = jnp.asarray(_homogeneous(base_grid(out_shape, align_corners=align_corners)),
-                     homography.dtype)
+  base = _base_points(out_shape, _checks.static_bool(align_corners, "align_corners"),
+                      homography.dtype)
 
   def one(h):
     u, v, w = _apply_matrix(h, base)
@@ -236,7 +253,8 @@ def tps_grid(control_points: jax.Array, out_shape: Sequence[int], *,
     raise ValueError(f"`control_points` must hold k * k (k >= 2) points of a regular lattice, "
                      f"got {n} points (shape {control_points.shape}).")
   out_shape = _check_out_shape(out_shape, 2, "a TPS grid")
-  basis = jnp.asarray(_tps_basis(k, out_shape, bool(align_corners)), control_points.dtype)
+  align_corners = _checks.static_bool(align_corners, "align_corners")
+  basis = jnp.asarray(_tps_basis(k, out_shape, align_corners), control_points.dtype)
 
   def one(points):
     return jnp.stack(_apply_matrix(points.T, basis), axis=-1).reshape(out_shape + (2,))

@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from stnjax import _batching
+from stnjax import _checks
 from stnjax import _cpu_kernels
 from stnjax import _interp
 from stnjax._cpu_kernels import CpuOptions
@@ -192,6 +193,7 @@ def grid_sample_with_options(image: jax.Array, grid: jax.Array, *, mode: str = "
     raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
   if padding_mode not in PADDING_MODES:
     raise ValueError(f"`padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}.")
+  align_corners = _checks.static_bool(align_corners, "align_corners")
   if not jnp.issubdtype(grid.dtype, jnp.floating):
     raise TypeError(f"`grid` must be floating point, got dtype {grid.dtype} (shape {grid.shape}).")
   if not jnp.issubdtype(image.dtype, jnp.floating):
@@ -224,6 +226,6 @@ def grid_sample_with_options(image: jax.Array, grid: jax.Array, *, mode: str = "
   # that XLA folds into the grid's own stack; `grid[..., k]` transposes to
   # pads that XLA:CPU materialised.
   planes = tuple(p[..., 0] for p in jax.lax.split(grid, (1,) * ndim, axis=2))
-  spec = _interp.Spec(tuple(spatial), mode, padding_mode, bool(align_corners))
+  spec = _interp.Spec(tuple(spatial), mode, padding_mode, align_corners)
   out = _interpolate(image, planes, spec, cpu_options)  # (max(G, N), P[, C])
   return out.reshape(out_shape)

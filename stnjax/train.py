@@ -20,32 +20,29 @@
   `XLA_FLAGS=--xla_force_host_platform_device_count=N`) the loop keeps one
   step in flight: with dozens queued, XLA:CPU's gradient all-reduce waited
   forever for a device that never ran (jax 0.10.2, 2 and 4 CPU devices on 2
-  cores; tested). Multi-host: set `config.distributed = True` (calls
-  `jax.distributed.initialize()`, which reads the cluster from the
-  environment, e.g. SLURM / TPU / `JAX_COORDINATOR_ADDRESS`); every host runs
-  the same program; only process 0 writes metrics and figures data (Orbax
-  coordinates checkpoints). Multi-host is untested here.
+  cores; tested).
+* Multi-host: `config.distributed = True`; every process runs the same
+  program over the global mesh of all processes' devices (CPU processes
+  all-reduce over gloo). `initialize_distributed` joins the cluster (from the
+  environment on SLURM / TPU, or an explicit coordinator address, process
+  count and index; see docs/training.md). Only process 0 writes
+  `config.json`, metrics and figure data; Orbax coordinates checkpoints. Two
+  processes on one machine train to the same numbers as one process with the
+  same global batch, and resume after a kill (tests/test_multihost.py).
 * Evaluation covers the whole validation and test sets: they are padded to a
   multiple of `config.eval_batch_size` with a mask, and exact counts
   (`ncorrect`, `loss_sum`, `nseen`) are summed; the error is
   `100 * (1 - ncorrect / nseen)`. For ST models it also reports the mean and
   std over the set of every regressed transform parameter.
 
-`workdir` is the single source of truth:
-
-* `config.json`: written once (a later run with a different config logs a
-  warning and leaves it);
-* `metrics.jsonl`: one JSON object per logged step (train metrics every
-  `log_every` steps, eval metrics every `eval_every` steps and at the end);
-* `checkpoints/`: Orbax `CheckpointManager` (every `checkpoint_every` steps
-  and at the end, `keep_checkpoints` kept). A run restarted with the same
-  workdir resumes from the latest checkpoint, or starts afresh if there is
-  none, dropping the metrics and figure snapshots logged after it, and ends
-  with exactly the same parameters and metrics (timings aside) as an
-  uninterrupted run;
-* `st_outputs/`: a fixed test batch (`inputs.npy`) and the first seed's
-  transformer outputs on it at every eval step (`step_XXXXXXXX.npy`), for
-  `stnjax.figures`.
+`workdir` is the single source of truth (format: `stnjax.workdir`): the
+config is validated (`stnjax.config_schema`) and checked against the
+workdir's `config.json` before anything is written; a run restarted with the
+same workdir resumes from the latest checkpoint (or starts afresh if there is
+none), dropping the metrics and figure snapshots logged after it, and ends
+with exactly the same parameters, optimizer state and metrics (timings
+aside) as an uninterrupted run, whenever the first run was killed.
+`num_steps = 0` evaluates the initial model.
 
 A non-finite training loss raises `FloatingPointError` naming the first bad
 step (checked at every log, eval and checkpoint step), and so do non-finite
@@ -53,7 +50,6 @@ parameters at a checkpoint step, before they are saved: no checkpoint holds
 a NaN.
 """
 
-import json
 import math
 import os
 import time
@@ -71,8 +67,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stnjax import config_schema
 from stnjax import input_pipeline
 from stnjax import models
+from stnjax import workdir as workdir_lib
 
 
 class TrainState(NamedTuple):
@@ -108,13 +106,17 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   raise ValueError(f"`config.train.optimizer` must be 'sgd' or 'adam', got {config.optimizer!r}.")
 
 
-def create_model_from_config(config, dataset):
+def create_model_from_config(config, dataset=None):
+  """The model of `config.model` for `dataset`'s shapes (default: the variant's shapes)."""
   m = config.model
-  return models.create_model(m.name, dataset.input_shape, dataset.num_classes,
+  if dataset is None:
+    size, channels, num_classes = input_pipeline.SYNTHETIC_SHAPES[config.data.variant]
+    input_shape = (size, size, channels)
+  else:
+    input_shape, num_classes = dataset.input_shape, dataset.num_classes
+  return models.create_model(m.name, input_shape, num_classes,
                              width=m.get("width"), param_budget=m.get("param_budget"),
-                             st_pool=m.get("st_pool", 1),
-                             # Configs written before the knob existed used "SAME".
-                             padding=m.get("padding", "SAME"))
+                             st_pool=m.get("st_pool", 1), padding=m.padding)
 
 
 def _cross_entropy(logits, labels):
@@ -279,27 +281,6 @@ def summarize_eval(split: str, sums: Mapping[str, np.ndarray]) -> dict[str, Any]
   return out
 
 
-class _MetricsWriter:
-  """Appends JSON lines to `metrics.jsonl` (process 0 only)."""
-
-  def __init__(self, path: str, enabled: bool):
-    self.path, self.enabled = path, enabled
-
-  def truncate_after(self, step: int):
-    """Drops lines logged after `step` (from a run killed after its last checkpoint)."""
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(lines)
-
-  def write(self, step: int, metrics: Mapping[str, Any]):
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": int(step), **metrics}) + "\n")
-
-
 def _check_finite_params(params, step: int, first_seed: int, workdir: str):
   """Raises `FloatingPointError` naming the step and seed if any parameter is not finite."""
   finite = jax.device_get(jax.tree.reduce(
@@ -311,62 +292,59 @@ def _check_finite_params(params, step: int, first_seed: int, workdir: str):
                              f"seed {first_seed + seed}); not checkpointed; workdir {workdir}.")
 
 
-def _write_config(config, workdir: str):
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if not os.path.exists(path):
-    with open(path, "w") as f:
-      f.write(text + "\n")
-  else:
-    with open(path) as f:
-      if f.read().strip() != text.strip():
-        logging.warning("%s exists and differs from this run's config; keeping the original.",
-                        path)
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None):
+  """Joins a multi-process run (`jax.distributed.initialize`), once per process.
+
+  With no arguments the cluster is read from the environment (SLURM, TPU,
+  ...). CPU processes all-reduce over gloo. Call before anything touches a
+  JAX device.
+  """
+  if jax.distributed.is_initialized():
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> TrainState:
   """Trains `config.num_seeds` models, evaluates them and writes everything to `workdir`.
 
   Args:
-    config: see `experiments/configs/distorted_mnist.py` (fields `seed`,
-      `num_seeds`, `data.*`, `model.*`, `train.*`, `log_every`, `eval_every`,
-      `checkpoint_every`, `keep_checkpoints`, `eval_batch_size`,
-      `figure_examples`, `progress`, `distributed`).
-    workdir: output directory; an existing one is resumed.
+    config: see `experiments/configs/distorted_mnist.py`; the fields are
+      those of `stnjax.config_schema.FIELDS`, checked before anything runs.
+    workdir: output directory; an existing one is resumed if its
+      `config.json` agrees with `config` in every field that changes the run
+      (`stnjax.workdir.check_resumable`), else this raises.
+    allow_config_change: resume even so, continuing the last checkpoint under
+      `config` (the previous `config.json` is kept beside the new one).
 
   Returns:
     The final `TrainState` (leaves with a leading seed axis, on the devices).
   """
-  if config.get("distributed"):
-    jax.distributed.initialize()
+  config_schema.validate(config)
+  if config.distributed:
+    initialize_distributed()
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    _write_config(config, workdir)
-
+  workdir_lib.check_resumable(config, workdir, allow_config_change=allow_config_change)
   num_seeds, batch_size, num_steps = int(config.num_seeds), int(config.train.batch_size), int(
       config.train.num_steps)
   devices = jax.devices()
-  # See the module docstring: XLA:CPU can deadlock with many multi-device
-  # steps queued, so on CPU each step is waited for before the next.
-  one_step_in_flight = len(devices) > 1 and devices[0].platform == "cpu"
-  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
   for name, value in (("config.train.batch_size", batch_size),
                       ("config.eval_batch_size", config.eval_batch_size)):
     if value % len(devices):
       raise ValueError(f"`{name}`={value} must be divisible by the number of devices "
                        f"({len(devices)}; on a CPU, JAX_NUM_CPU_DEVICES sets it).")
-  for name, value in (("num_seeds", num_seeds), ("train.batch_size", batch_size),
-                      ("eval_batch_size", config.eval_batch_size),
-                      ("log_every", config.log_every), ("eval_every", config.eval_every),
-                      ("checkpoint_every", config.checkpoint_every),
-                      ("keep_checkpoints", config.keep_checkpoints)):
-    if value < 1:
-      raise ValueError(f"`config.{name}` must be >= 1, got {value}.")
-  if num_steps < 0:
-    raise ValueError(f"`config.train.num_steps` must be >= 0, got {num_steps}.")
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    steps = workdir_lib.checkpoint_steps(workdir)
+    workdir_lib.write_config(config, workdir, resumed_at=steps[-1] if steps else 0)
+  # See the module docstring: XLA:CPU can deadlock with many multi-device
+  # steps queued, so on CPU each step is waited for before the next.
+  one_step_in_flight = len(devices) > 1 and devices[0].platform == "cpu"
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
   dataset = input_pipeline.load(config.data)
   model = create_model_from_config(config, dataset)
@@ -386,11 +364,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   fig_inputs = put(np.asarray(dataset.eval_sets["test"][0][:fig_n]))
 
   state = init(put(seed_keys))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=int(config.keep_checkpoints), create=True, enable_async_checkpointing=False))
-  writer = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), is_main)
-  fig_dir = os.path.join(workdir, "st_outputs")
+  writer = workdir_lib.MetricsWriter(workdir, is_main)
+  fig_dir = workdir_lib.st_outputs_dir(workdir)
   latest = manager.latest_step()
   if latest is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -401,22 +379,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Drop what a killed run logged after its last checkpoint (everything, if
   # it was killed before its first one): the steps after it are rerun.
   resumed_at = -1 if latest is None else latest
-  writer.truncate_after(resumed_at)
-  if is_main and os.path.isdir(fig_dir):
-    for name in os.listdir(fig_dir):
-      if name.startswith("step_") and int(name[5:13]) > resumed_at:
-        os.remove(os.path.join(fig_dir, name))
+  if is_main:
+    workdir_lib.truncate_metrics(workdir, resumed_at)
+    workdir_lib.remove_snapshots_after(workdir, resumed_at)
   start = int(jax.device_get(state.step))
 
   def save_st_outputs(step):
     outs = np.asarray(jax.device_get(st_outputs(state.params, fig_inputs)))
     if is_main and outs.size:
       os.makedirs(fig_dir, exist_ok=True)
-      inputs_path = os.path.join(fig_dir, "inputs.npy")
-      if not os.path.exists(inputs_path):  # The fixed test batch: written once.
-        np.save(inputs_path, np.asarray(input_pipeline.to_float(
-            np.asarray(dataset.eval_sets["test"][0][:fig_n]))))
-      np.save(os.path.join(fig_dir, f"step_{step:08d}.npy"), outs)
+      if not os.path.exists(os.path.join(fig_dir, "inputs.npy")):  # Written once.
+        workdir_lib.save_npy(os.path.join(fig_dir, "inputs.npy"), np.asarray(
+            input_pipeline.to_float(np.asarray(dataset.eval_sets["test"][0][:fig_n]))))
+      workdir_lib.save_npy(os.path.join(fig_dir, f"step_{step:08d}.npy"), outs)
 
   def run_eval(step):
     metrics = {}
@@ -452,7 +427,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write(step, metrics)
     return metrics
 
-  if start == 0 and num_steps > 0:
+  if start == 0:
+    if num_steps == 0:
+      logging.info("config.train.num_steps = 0: evaluating the initial model only.")
     run_eval(0)
   progress = None
   if config.get("progress") and is_main and start < num_steps:
@@ -485,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       progress.update(1)
   if progress is not None:
     progress.close()
-  if start >= num_steps and num_steps > 0:
+  if start >= num_steps > 0:
     logging.info("Checkpoint at step %d >= num_steps %d: nothing to train.", start, num_steps)
   manager.wait_until_finished()
   manager.close()

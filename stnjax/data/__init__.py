@@ -26,6 +26,7 @@ from stnjax.data.distortions import generate_eval_set
 from stnjax.data.distortions import get_variant
 from stnjax.data.distortions import render
 from stnjax.data.distortions import sample_train_batch
+from stnjax.data.mnist import CorruptCacheError
 from stnjax.data.mnist import MNIST_DIR_ENV
 from stnjax.data.mnist import MNIST_URL
 from stnjax.data.mnist import MnistFileError
@@ -36,6 +37,7 @@ from stnjax.data.mnist import read_idx_file
 from stnjax.data.mnist import read_mnist_dir
 
 __all__ = (
+    "CorruptCacheError",
     "DistortedMnist",
     "EVAL_SHA256",
     "EVAL_SPLITS",

@@ -257,8 +257,7 @@ def prepare(variant, data_dir: str | os.PathLike | None = None, *,
 def _load_cached(name: str, split: str, data_dir: str | None,
                  mnist_dir: str | None) -> mnist.Split:
   builder = prepare(name, data_dir, mnist_dir=mnist_dir)
-  source = builder.as_data_source(split=split)
-  examples = source.__getitems__(range(len(source)))
+  examples = mnist.read_examples(builder, split)
   images = np.stack([e["image"] for e in examples])
   labels = np.array([e["label"] for e in examples], np.int32)
   images.flags.writeable = False
@@ -288,6 +287,8 @@ def load_eval_set(variant, split: str, data_dir: str | os.PathLike | None = None
     ValueError: unknown variant or split.
     EvalSetMismatchError: building the set here gives bytes other than the
       recorded ones.
+    CorruptCacheError: the cache's files are damaged (the message names them
+      and the directory to delete).
   """
   v = distortions.get_variant(variant)
   _check_split(split)

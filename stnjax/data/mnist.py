@@ -345,9 +345,31 @@ def prepare_mnist(data_dir: str | os.PathLike | None = None, *,
   return builder
 
 
+class CorruptCacheError(RuntimeError):
+  """A prepared TFDS dataset's files cannot be read back (e.g. flipped bytes on disk)."""
+
+
+def read_examples(builder: tfds.core.DatasetBuilder, split: str) -> list:
+  """Every example of `split` of a prepared builder; `CorruptCacheError` names the files.
+
+  array_record reports a damaged file as a bare `RuntimeError` ("Corrupted
+  Riegeli/records file") naming neither the file nor a fix.
+  """
+  try:
+    source = builder.as_data_source(split=split)
+    return source.__getitems__(range(len(source)))
+  except (RuntimeError, OSError) as e:
+    directory = os.fspath(builder.data_dir)
+    files = sorted(str(f) for f in Path(directory).glob(f"*-{split}.*"))
+    raise CorruptCacheError(
+        f"Cannot read the TFDS cache of {builder.info.full_name}, split {split!r} "
+        f"({', '.join(files) or directory}): {e}. Delete {directory} to rebuild it from "
+        f"the sources on the next load.") from e
+
+
 def read_split(source) -> Split:
-  """Reads a whole TFDS data source of `{image, label}` examples into a `Split`."""
-  examples = source.__getitems__(range(len(source)))
+  """Reads a whole TFDS data source (or a list) of `{image, label}` examples into a `Split`."""
+  examples = source if isinstance(source, list) else source.__getitems__(range(len(source)))
   images = np.stack([e["image"] for e in examples]) if examples else np.zeros((0, 28, 28), np.uint8)
   labels = np.array([e["label"] for e in examples], np.int32)
   images.flags.writeable = False
@@ -358,8 +380,7 @@ def read_split(source) -> Split:
 @functools.lru_cache(maxsize=4)
 def _load_mnist_cached(data_dir: str | None, mnist_dir: str | None) -> dict[str, Split]:
   builder = prepare_mnist(data_dir, mnist_dir=mnist_dir)
-  sources = builder.as_data_source()
-  return {split: read_split(sources[split]) for split in SPLITS}
+  return {split: read_split(read_examples(builder, split)) for split in SPLITS}
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None, *,
@@ -383,6 +404,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *,
     MnistFileError: an IDX file is missing, truncated, corrupt or wrong (only
       when the cache has to be built).
     ValueError: `data_dir` holds IDX files (it is the cache, not the source).
+    CorruptCacheError: the cache's files are damaged (the message names them
+      and the directory to delete).
   """
   data_dir = None if data_dir is None else os.fspath(Path(data_dir).expanduser().resolve())
   mnist_dir = None if mnist_dir is None else os.fspath(mnist_dir)
