@@ -95,6 +95,16 @@ def test_reproduce_records_skip_resume_and_table(tmp_path):
   assert "## Protocol `smoke`" in text and "synthetic" in text and "2 of 32 cells run" in text
   assert "Not run under `smoke` (0 of 4 cells)" in text  # TC.
 
+  # --readme rewrites only the generated block of a README, with the same cells.
+  readme = tmp_path / "README.md"
+  readme.write_text(f"# Title\n\n{make_table.README_BEGIN}\nold\n{make_table.README_END}\n"
+                    "\n## After\n")
+  make_table.main(["--results_dir", str(tmp_path / "results"), "--readme", str(readme)])
+  new = readme.read_text()
+  assert new.startswith("# Title\n") and new.endswith(f"{make_table.README_END}\n\n## After\n")
+  assert "old" not in new and row in new and "Protocol `smoke`" in new
+  assert "commit" not in new  # The README names no commits; docs/results.md does.
+
 
 def test_eval_every_must_be_positive(capsys):
   with pytest.raises(SystemExit):
