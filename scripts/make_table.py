@@ -108,7 +108,8 @@ def _summary(records, with_commits=True):
   if sources != {"mnist"}:
     data += " (not MNIST: a smoke test, not comparable to the paper)"
   text = (f"preset `{values('preset')}`; iterations {values('iterations')}; batch "
-          f"{values('batch_size')}; {sched_text}; data {data}; device {values('device')}; "
+          f"{values('batch_size')}; {sched_text}; data {data}; device {values('device')} "
+          f"(CPU: {values('cpu_model')}); "
           f"jax {values('jax_version')}")
   if with_commits:
     text += f"; commit {values('git_commit', lambda c: c[:12] + ('-dirty' if c.endswith('-dirty') else ''))}"

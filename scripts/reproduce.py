@@ -60,7 +60,8 @@ Record schema (JSON, one file per seed; errors in %):
   best_validation {step, validation_error, test_error}, paper_error,
   num_params, wall_time_s (the whole vmapped program, all seeds together,
   summed over the invocations that trained it, compile and evals included),
-  train_steps_per_sec_median, device ("<device_kind> (<platform>)"),
+  train_steps_per_sec_median, device ("<device_kind> (<platform>)"), cpu_model
+  (the host's CPU),
   device_kind, platform, num_devices, jax_version, jaxlib_version,
   git_commit ("<sha>" or "<sha>-dirty": tracked files modified; untracked
   files are ignored), git_dirty, command (the exact command line that
@@ -88,6 +89,7 @@ import jaxlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import make_results_table  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -240,7 +242,8 @@ def git_commit():
 
 def device_info():
   d = jax.devices()[0]
-  return {"device": f"{d.device_kind} ({d.platform})", "device_kind": d.device_kind,
+  return {"device": f"{d.device_kind} ({d.platform})", "cpu_model": timing.cpu_model(),
+          "device_kind": d.device_kind,
           "platform": d.platform, "num_devices": jax.device_count(),
           "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__}
 

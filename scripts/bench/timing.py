@@ -89,7 +89,8 @@ def pin_xla_worker_threads() -> dict[int, int]:
   return pinned
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -124,7 +125,7 @@ def provenance() -> dict:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "commit": _commit(),
       "command": " ".join(command),
-      "cpu_model": _cpu_model(),
+      "cpu_model": cpu_model(),
       "cpu_count": os.cpu_count(),
       "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
       "jax": jax.__version__,
