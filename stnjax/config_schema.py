@@ -37,7 +37,7 @@ FIELDS = {
 _SECTIONS = frozenset(name.split(".")[0] for name in FIELDS if "." in name)
 
 CHOICES = {"data.source": ("mnist", "synthetic"), "train.optimizer": ("sgd", "adam"),
-           "model.padding": ("VALID", "SAME"),
+           "model.padding": ("VALID", "SAME", "VALID_MIN2"),
            "train.lr_schedule": ("constant", "step", "cosine")}
 AT_LEAST_ONE = ("num_seeds", "train.batch_size", "eval_batch_size", "log_every", "eval_every",
                 "checkpoint_every", "keep_checkpoints", "train.decay_every",

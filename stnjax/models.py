@@ -40,6 +40,9 @@ re-implementations; UNVERIFIED: not stated there):
   transformer output, 21 -> 13 -> 7 -> 1 -> 1, where floor pooling
   (13 -> 6) would leave the 7x7 convolution nothing to cover; its second
   convolution then acts as a fully connected layer over the 7x7 map.
+  "VALID_MIN2" pads only a classifier convolution whose unpadded output would
+  be smaller than 2x2 (that one: 21 -> 13 -> 7 -> 7 -> 4); the localisation
+  nets stay unpadded.
 * ST-FCN localisation: three `Dense(32) -> ReLU` layers (the paper says "fully
   connected layers of 32 units"; the number of layers is UNVERIFIED).
 * ST-CNN localisation: `avgpool 2 -> Conv(20, 5x5) -> ReLU -> maxpool 2 ->
@@ -83,7 +86,7 @@ CONV_LOCALISATION_FEATURES = (20, 20)
 CONV_LOCALISATION_KERNEL = (5, 5)
 CONV_LOCALISATION_DENSE = 20
 CONV_LOCALISATION_DOWNSAMPLE = 2
-PADDINGS = ("VALID", "SAME")
+PADDINGS = ("VALID", "SAME", "VALID_MIN2")
 
 # `nn.Conv` with a faster input gradient on CPU (same parameters and values;
 # see stnjax/layers.py).
@@ -94,6 +97,14 @@ def _check_images(x: jax.Array, name: str = "x") -> None:
   if x.ndim != 4:
     raise ValueError(f"`{name}` must be a batch of channels-last images (B, H, W, C), "
                      f"got shape {x.shape}.")
+
+
+def _classifier_padding(padding: str, in_size: Sequence[int], kernel_size: Sequence[int]) -> str:
+  """"VALID_MIN2": unpadded, unless that would leave a map smaller than 2x2 (then "SAME")."""
+  if padding != "VALID_MIN2":
+    return padding
+  small = any(n - k + 1 < 2 for n, k in zip(in_size, kernel_size))
+  return "SAME" if small else "VALID"
 
 
 def _check_fits(x: jax.Array, kernel_size: tuple[int, int], padding: str, where: str) -> None:
@@ -212,8 +223,9 @@ class CNN(nn.Module):
       raise ValueError(f"`features` {self.features} and `kernel_sizes` {self.kernel_sizes} "
                        "must have the same length.")
     for f, k in zip(self.features, self.kernel_sizes):
-      _check_fits(x, tuple(k), self.padding, "CNN")
-      x = nn.relu(Conv(f, tuple(k), padding=self.padding)(x))
+      padding = _classifier_padding(self.padding, x.shape[1:3], k)
+      _check_fits(x, tuple(k), padding, "CNN")
+      x = nn.relu(Conv(f, tuple(k), padding=padding)(x))
       x = layers.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes)(x)
@@ -277,7 +289,7 @@ def _build(name: str, input_shape: tuple[int, int, int], num_classes: int, width
   if classifier_kind == "fcn":
     loc = FCLocalisation()
   else:
-    loc = ConvLocalisation(padding=padding)
+    loc = ConvLocalisation(padding="VALID" if padding == "VALID_MIN2" else padding)
   sts = tuple(SpatialTransformer(localisation=loc, transform=transform,
                                  output_size=tuple(input_shape[:2]))
               for _ in range(num_st))

@@ -114,6 +114,8 @@ def test_solve_width_hits_budget():
     ("cnn", (42, 42, 1), 1, "VALID", [(34, 34), (11, 11)]),
     ("st_cnn_aff", (42, 42, 1), 2, "VALID", [(13, 13), (1, 1)]),  # 21 -> 13 -> 7 -> 1.
     ("cnn", (28, 28, 1), 1, "SAME", [(28, 28), (14, 14)]),
+    ("st_cnn_aff", (42, 42, 1), 2, "VALID_MIN2", [(13, 13), (7, 7)]),
+    ("cnn", (28, 28, 1), 1, "VALID_MIN2", [(20, 20), (4, 4)]),
 ])
 def test_classifier_convolution_maps(name, shape, pool, padding, maps):
   model = models.create_model(name, shape, 10, width=4, st_pool=pool, padding=padding)
