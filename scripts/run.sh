@@ -14,9 +14,9 @@ bash scripts/setup_env.sh
 export STNJAX_MNIST_DIR=${STNJAX_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}
 WORKDIR=${WORKDIR:-workdirs/main}
 # On a CPU, train data parallel over one JAX CPU device per core (at most 8,
-# a divisor of the batch sizes): 37 vs 30 steps/s on this project's 2-core
-# machine at commit 2b70bc9 (51 steps/s data parallel at 672effa). Ignored
-# when JAX runs on a GPU/TPU. Set JAX_NUM_CPU_DEVICES=1 for one.
+# a divisor of the batch sizes): XLA:CPU does not spread this model's small
+# operations over the cores by itself. Ignored when JAX runs on a GPU/TPU.
+# Set JAX_NUM_CPU_DEVICES=1 for one.
 if [[ -z "${JAX_NUM_CPU_DEVICES:-}" ]]; then
   cores=$(nproc)
   for d in 8 4 2 1; do
@@ -24,14 +24,10 @@ if [[ -z "${JAX_NUM_CPU_DEVICES:-}" ]]; then
   done
 fi
 # Back glibc malloc's large (mmap'd) blocks with transparent huge pages where
-# the kernel offers them on request (THP mode "madvise"). XLA:CPU allocates a
-# program's temporaries afresh on every call, and touching them in 4 KiB pages
-# cost this job about 8% on the project's VM (wall 89 and 93 s vs 100 and 99 s,
-# same results); the paper-size step at batch 256 (row 5 of
-# scripts/bench_train.py) ran at 2.22 and 2.06 vs 1.97 and 1.93 steps/s, with
-# about 2,700 instead of 51,000 page faults per step. Needs glibc >= 2.35
-# (older ones and other C libraries ignore it). Set GLIBC_TUNABLES to override
-# (empty: glibc's defaults).
+# the kernel offers them on request (THP mode "madvise"): XLA:CPU allocates a
+# program's temporaries afresh on every call, and faulting them in 4 KiB pages
+# costs time (docs/performance.md). Needs glibc >= 2.35 (others ignore it).
+# Set GLIBC_TUNABLES to override (empty: glibc's defaults).
 export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
 start=$(date +%s)
 .venv/bin/python experiments/train.py \
@@ -39,5 +35,6 @@ start=$(date +%s)
   --workdir "$WORKDIR" "$@"
 .venv/bin/python scripts/figures.py --workdir "$WORKDIR"
 end=$(date +%s)
-.venv/bin/python scripts/report.py --workdir "$WORKDIR"
+.venv/bin/python scripts/report.py --workdir "$WORKDIR" --wall_time_s $((end - start)) \
+  --job "bash scripts/run.sh" --out "$WORKDIR/report.json"
 echo "wall time: $((end - start)) s"

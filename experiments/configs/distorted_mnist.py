@@ -1,49 +1,32 @@
-r"""Distorted MNIST (the paper's Table 1, TC and MNIST addition).
+r"""Distorted MNIST: the paper's Table 1, TC and MNIST addition (Jaderberg et al. 2015).
 
-Variants by argument, `key=value` pairs separated by commas:
+Arguments, `key=value` pairs separated by commas:
 
 * `model`: `fcn`, `cnn`, `st_fcn_{aff,proj,tps}`, `st_cnn_{aff,proj,tps}`
   (also `_att`, `_rts`), `2st_fcn_{aff,proj,tps}` (addition). Default `st_cnn_aff`.
 * `data`: `R`, `RTS`, `P`, `E`, `T`, `TC`, `addition`, `none`. Default `RTS`.
 * `preset`: `paper` (plain SGD, batch 256, lr 0.01 / 10 every 50k steps, 150k
-  steps), `short` (the CPU-friendly default: Adam, see below) or `test`
-  (seconds; synthetic data, for smoke tests).
+  steps: the paper's protocol, for a GPU), `cpu` (the CPU reproduction
+  protocol: Adam, warm-up, cosine decay, batch 128; docs/reproduction.md),
+  `short` (the main job, `scripts/run.sh`: a width-32 classifier, 2,000
+  steps of batch 64) or `test` (seconds; synthetic data, for smoke tests).
 * `seeds`: number of seeds trained together with vmap (default 1).
 
-Commands:
+Reproduce a Table 1 cell on a CPU (results: README, docs/results.md):
 
-  python experiments/train.py \
-    --config experiments/configs/distorted_mnist.py:model=st_cnn_aff,data=RTS,preset=short \
+  JAX_NUM_CPU_DEVICES=2 python experiments/train.py \
+    --config experiments/configs/distorted_mnist.py:model=st_cnn_aff,data=RTS,preset=cpu \
     --workdir workdirs/st_cnn_aff_rts
 
-  # override any field:
-  ... --config.train.lr=0.05 --config.train.num_steps=500
-
-Expected (see scripts/run.sh and docs/models.md for the measurements):
-
-* `preset=short`, `st_cnn_aff` on RTS (width-32 classifier, 123,448 parameters):
-  2,000 steps of batch 64, Adam 1e-3 with cosine decay. On the 2-core shared
-  CPU used for development (jax 0.10.2; no GPU), `scripts/run.sh` on a
-  fresh clone (commit 90b0ac6) measured 88 s wall in all (data loading,
-  ~37 steps/s data parallel on 2 CPU devices, 5 evals of 20k images,
-  figures; 71 s at 672effa on a quieter machine, 92 s at 01635dc, 99 s at
-  caf27a6) and a test error of 2.56% (9744 / 10000), validation 2.47%
-  (2.58% and 2.40% at 672effa, 2.49% and 2.45% at 01635dc: float
-  round-off; on one device, at 2b70bc9: 111 s for the training alone,
-  ~30 steps/s, test 2.64%); the transformer learns to zoom in and to
-  centre the digits (README figures).
-* `preset=paper`: 150k steps of batch 256; the paper's test error for ST-CNN
-  Aff on RTS is 0.5% (Table 1; REFERENCE.md). Far too slow for a CPU (hours
-  per model); meant for a GPU.
-
-The ST models of RTS, TC and addition average-pool the transformer output by 2
-(`model.st_pool`), as in the paper. Every model's classifier width is chosen
+Override any field with `--config.train.lr=0.05` and the like. The ST models
+of RTS, TC and addition average-pool the transformer output by 2
+(`model.st_pool`), as in the paper; every model's classifier width is chosen
 so that the whole model has about `model.param_budget` = 400k parameters.
 """
 
 import ml_collections
 
-# Paper's Table 1 / text (% test error), REFERENCE.md section 1.
+# The paper's Table 1 and text (% test error).
 PAPER_ERRORS = {
     "R": {"fcn": 2.1, "cnn": 1.2, "st_fcn_aff": 1.2, "st_fcn_proj": 1.3, "st_fcn_tps": 1.1,
           "st_cnn_aff": 0.7, "st_cnn_proj": 0.8, "st_cnn_tps": 0.7},
