@@ -18,12 +18,9 @@ from stnjax.data.distorted_mnist import EVAL_SPLITS
 from stnjax.data.distorted_mnist import DistortedMnist
 from stnjax.data.distorted_mnist import EvalSetMismatchError
 from stnjax.data.distorted_mnist import eval_set_sha256
+from stnjax.data.distorted_mnist import generate_eval_set
 from stnjax.data.distorted_mnist import load_eval_set
-from stnjax.data.distortions import VARIANTS
-from stnjax.data.distortions import Variant
 from stnjax.data.distortions import distort
-from stnjax.data.distortions import generate_eval_set
-from stnjax.data.distortions import get_variant
 from stnjax.data.distortions import render
 from stnjax.data.distortions import sample_train_batch
 from stnjax.data.mnist import CorruptCacheError
@@ -35,6 +32,9 @@ from stnjax.data.mnist import StnjaxMnist
 from stnjax.data.mnist import load_mnist
 from stnjax.data.mnist import read_idx_file
 from stnjax.data.mnist import read_mnist_dir
+from stnjax.data.variants import VARIANTS
+from stnjax.data.variants import Variant
+from stnjax.data.variants import get_variant
 
 __all__ = (
     "CorruptCacheError",
