@@ -276,7 +276,8 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
                      f"available: {steps}.")
   # Restored onto this process's first device, whatever devices saved it.
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  path = os.path.join(checkpoint_dir(workdir), str(step), "default")  # The manager's one item.
+  # The manager's one item; Orbax reads a relative path's metadata as missing.
+  path = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "default"))
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path).item_metadata.tree
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),

@@ -45,6 +45,10 @@ def test_restore_classifies_in_three_lines(trained):
     workdir_lib.restore(workdir, seed_index=1)
   with pytest.raises(FileNotFoundError, match="is not a workdir"):
     workdir_lib.restore(os.path.join(workdir, "checkpoints"))
+  # A relative path restores the same parameters (Orbax needs an absolute one).
+  relative = os.path.relpath(workdir)
+  for a, b in zip(jax.tree.leaves(workdir_lib.restore(relative)[1]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("overrides, fields", [
