@@ -86,8 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.param_budget = 400_000
   config.model.width = ml_collections.FieldReference(None, field_type=int)
   config.model.st_pool = ST_POOL.get(args["data"], 1)
-  # "VALID": unpadded convolutions, as the public re-implementations (docs/models.md).
-  config.model.padding = "VALID"
+  # Unpadded convolutions, as the public re-implementations, except where that
+  # would leave the classifier a map under 2x2 (docs/models.md, calibration in
+  # docs/reproduction.md).
+  config.model.padding = "VALID_MIN2"
   config.paper_error = PAPER_ERRORS.get(args["data"], {}).get(args["model"],
                                                               ml_collections.FieldReference(
                                                                   None, field_type=float))
