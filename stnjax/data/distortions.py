@@ -146,9 +146,9 @@ def _draw_projective(v: Variant, key, digit, dtype) -> dict[str, jax.Array]:
   With `v.quad_rule=None`, one draw is taken as it comes (the literal protocol).
 
   The redraws are `quad_rule.max_draws` candidates drawn at once; the first
-  well-formed one is taken (if none is, the undistorted scaled box: with the
-  paper's parameters about 13% of candidates are rejected, so this never
-  happens in practice).
+  well-formed one is taken (if none is, the undistorted scaled box; with the
+  paper's parameters a minority of candidates is rejected, so all 16 failing
+  is vanishingly rare).
   """
   del digit
   k_scale, k_corners = jax.random.split(key)

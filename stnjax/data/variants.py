@@ -33,11 +33,11 @@ _PAPER = "Jaderberg et al., Spatial Transformer Networks, NIPS 2015"
 class QuadRule:
   """When a P draw's corner offsets are redrawn (`quad_is_well_formed`).
 
-  Taken literally (corners moved by N(0, 5 px)), about 2.4% of P draws fold
-  the quad over or squeeze the digit into a dot or a streak; the paper's 0.8%
-  error rules such draws out, so they are redrawn. The bounds reject about
-  13% of candidate draws, and no image of the fixed test set keeps less than
-  15% of its digit's ink (tests/test_data_eval_sets.py).
+  Taken literally (corners moved by N(0, 5 px)), a few percent of P draws
+  fold the quad over or squeeze the digit into a dot or a streak; the
+  paper's 0.8% error rules such draws out, so they are redrawn. With these
+  bounds no image of the fixed sets keeps less than 15% of its digit's ink
+  (tests/test_data_eval_sets.py).
 
   Attributes:
     min_angle_deg: every interior angle in `[min_angle_deg, 180 - min_angle_deg]`.
