@@ -97,9 +97,14 @@ def _conv_as_row_matmuls(x, w, padding):
 
 
 def _conv_multichannel(x, w, padding, cpu_form):
-  """A plain convolution of a multi-channel input: on CPU in `cpu_form`, elsewhere XLA's."""
+  """A plain convolution of a multi-channel input: on CPU in `cpu_form`, elsewhere XLA's.
+
+  `cpu_form="xla"` is the earlier path: the col2im input gradient up to
+  `_MAX_PATCH_WIDTH` patch columns, XLA's own convolution beyond.
+  """
   if cpu_form == "xla":
-    return _conv2d(x, w, padding)
+    wide = math.prod(w.shape[:3]) > _MAX_PATCH_WIDTH
+    return _conv(x, w, padding) if wide else _conv2d(x, w, padding)
   return lax.platform_dependent(
       x, w, cpu=lambda x, w: _conv_as_row_matmuls(x, w, padding),
       default=lambda x, w: _conv(x, w, padding))
@@ -180,8 +185,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if cpu_form not in CPU_CONV_FORMS:
     raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
   if jnp.shape(lhs)[-1] > 1:
-    if cpu_form == "xla" and math.prod(jnp.shape(rhs)[:3]) > _MAX_PATCH_WIDTH:
-      return _conv(lhs, rhs, explicit)
     return _conv_multichannel(lhs, rhs, explicit, cpu_form)
   return _conv2d(lhs, rhs, explicit)
 
