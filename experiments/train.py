@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from stnjax import config_schema
 from stnjax import train
+from stnjax import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (and :arguments).",
                                           lock_config=True)
@@ -42,6 +43,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  xla_cpu.configure()  # Before the first JAX computation.
   cluster = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in cluster):
     if not _CONFIG.value.distributed:

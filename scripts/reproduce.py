@@ -62,7 +62,8 @@ Record schema (JSON, one file per seed; errors in %):
   summed over the invocations that trained it, compile and evals included),
   train_steps_per_sec_median, device ("<device_kind> (<platform>)"), cpu_model
   (the host's CPU),
-  device_kind, platform, num_devices, jax_version, jaxlib_version,
+  device_kind, platform, num_devices, jax_version, jaxlib_version, xla_flags
+  (`XLA_FLAGS` as the cell ran: `stnjax.xla_cpu.configure()` appends to it),
   git_commit ("<sha>" or "<sha>-dirty": tracked files modified; untracked
   files are ignored), git_dirty, command (the exact command line that
   reproduces this cell), invocation (the argv that produced it), overrides,
@@ -93,6 +94,7 @@ from bench import timing  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from stnjax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from stnjax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 from stnjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG_FILE = os.path.join(REPO, "experiments", "configs", "distorted_mnist.py")
@@ -245,7 +247,8 @@ def device_info():
   return {"device": f"{d.device_kind} ({d.platform})", "cpu_model": timing.cpu_model(),
           "device_kind": d.device_kind,
           "platform": d.platform, "num_devices": jax.device_count(),
-          "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__}
+          "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS")}
 
 
 def record_path(args, variant, model, seed):
@@ -422,6 +425,7 @@ def main(argv=None):
   """Runs the grid; returns the list of record paths written (timing mode: the timings)."""
   argv = list(sys.argv if argv is None else ["scripts/reproduce.py", *argv])
   args = parse_args(argv[1:])
+  xla_cpu.configure()  # Before the first JAX computation (seed programs inherit XLA_FLAGS).
   git_commit()  # Pin the launched commit (see git_commit).
   config_module = load_config_module()
   cells = [(v, m) for v in args.variants for m in args.models]

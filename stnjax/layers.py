@@ -8,6 +8,9 @@
   speed, so on CPU a multi-channel input is convolved as `kh` matrix
   products of width-only patches, and autodiff of that form gives both
   gradients as matrix products (other platforms keep XLA's convolution).
+  With `xla_cpu.FLAGS` in effect (YNNPACK off convolutions), XLA's own
+  convolution is the faster forward pass and kernel gradient, and only the
+  input gradient stays row products (`xla_cpu.convolution_form()`).
   A single-channel input (a network's first layer) keeps a hand-written
   VJP: its input gradient is a matrix product with the kernel followed by a
   sum of shifted copies ("col2im"), where XLA would lower a slow transposed
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stnjax import _cpu_kernels
+from stnjax import xla_cpu
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The hand-written VJP is used up to this many kernel taps x input channels:
@@ -105,9 +109,33 @@ def _conv_multichannel(x, w, padding, cpu_form):
   if cpu_form == "xla":
     wide = math.prod(w.shape[:3]) > _MAX_PATCH_WIDTH
     return _conv(x, w, padding) if wide else _conv2d(x, w, padding)
+  cpu = _conv_as_row_matmuls if cpu_form == "row_matmuls" else _conv_row_input_grad
   return lax.platform_dependent(
-      x, w, cpu=lambda x, w: _conv_as_row_matmuls(x, w, padding),
-      default=lambda x, w: _conv(x, w, padding))
+      x, w, cpu=lambda x, w: cpu(x, w, padding), default=lambda x, w: _conv(x, w, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_row_input_grad(x, w, padding):
+  """XLA's convolution and kernel gradient, with the input gradient of `_conv_as_row_matmuls`.
+
+  XLA:CPU lowers the input gradient to a transposed convolution that runs
+  several times slower than the row products' (`cpu_form="xla_row_dx"`).
+  """
+  return _conv(x, w, padding)
+
+
+def _conv_row_input_grad_fwd(x, w, padding):
+  return _conv(x, w, padding), (x, w)
+
+
+def _conv_row_input_grad_bwd(padding, residuals, cotangent):
+  x, w = residuals
+  x_bar = jax.vjp(lambda x: _conv_as_row_matmuls(x, w, padding), x)[1](cotangent)[0]
+  w_bar = jax.vjp(lambda w: _conv(x, w, padding), w)[1](cotangent)[0]
+  return x_bar, w_bar
+
+
+_conv_row_input_grad.defvjp(_conv_row_input_grad_fwd, _conv_row_input_grad_bwd)
 
 
 def _conv_as_matmul(x, w, padding):
@@ -152,23 +180,25 @@ def _conv2d_bwd(padding, residuals, cotangent):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-CPU_CONV_FORMS = ("row_matmuls", "xla")
+CPU_CONV_FORMS = ("row_matmuls", "xla_row_dx", "xla")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
-                         cpu_form: str = "row_matmuls"):
+                         cpu_form: str | None = None):
   """`lax.conv_general_dilated`, faster on CPU for plain channels-last 2-D convolutions.
 
   Same signature and values. Plain means: `(N, H, W, C)` input, `(kh, kw,
   C, O)` kernel, unit strides and dilations, no feature or batch groups,
   default precision and result type. Everything else goes to
   `lax.conv_general_dilated` unchanged. `cpu_form` picks the CPU path of a
-  multi-channel input: "row_matmuls" (default, the module docstring) or
-  "xla" (XLA's forward, the col2im input gradient up to 256 patch columns;
-  for ablations). Every path is written with differentiable ops, so
-  higher-order reverse-mode derivatives work.
+  multi-channel input: "row_matmuls" (the module docstring), "xla_row_dx"
+  (XLA's convolution and kernel gradient, the row products' input
+  gradient) or "xla" (XLA's forward, the col2im input gradient up to 256
+  patch columns; for ablations); None takes `xla_cpu.convolution_form()`,
+  which follows the process's XLA flags. Every path is written with
+  differentiable ops, so higher-order reverse-mode derivatives work.
   """
   plain = (_is_channels_last_2d(dimension_numbers, jnp.ndim(lhs))
            and tuple(window_strides) == (1, 1)
@@ -182,6 +212,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
+  if cpu_form is None:
+    cpu_form = xla_cpu.convolution_form()
   if cpu_form not in CPU_CONV_FORMS:
     raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
   if jnp.shape(lhs)[-1] > 1:

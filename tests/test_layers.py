@@ -1,5 +1,7 @@
 """stnjax.layers: the conv and max-pool drop-ins equal their Flax/lax originals."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ from jax import lax
 
 from stnjax import layers
 from stnjax import models
+from stnjax import xla_cpu
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -47,9 +50,11 @@ def test_conv_matches_lax_values_and_vjp(x64, rng, in_shape, kernel, padding, cp
   assert float(jnp.abs(ref).max()) > 0.1
 
 
-def test_conv_second_order_matches_lax(x64, rng):
+@pytest.mark.parametrize("cpu_form", layers.CPU_CONV_FORMS)
+def test_conv_second_order_matches_lax(x64, rng, cpu_form):
   x = jnp.asarray(rng.normal(size=(2, 9, 10, 3)))
   w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+  ours = functools.partial(ours_conv, cpu_form=cpu_form)
 
   def second(conv):
     def loss(x, w):
@@ -57,7 +62,7 @@ def test_conv_second_order_matches_lax(x64, rng):
     return jax.grad(lambda x, w: jnp.sum(jax.grad(loss, argnums=0)(x, w) ** 2), argnums=(0, 1))(
         x, w)
 
-  for a, b in zip(second(ours_conv), second(lax_conv)):
+  for a, b in zip(second(ours), second(lax_conv)):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -121,3 +126,28 @@ def test_accelerators_keep_xla_convolution():
     module = jax.export.export(jax.jit(grad), platforms=(platform,))(x, w).mlir_module()
     convolutions = module.count("stablehlo.convolution")
     assert (convolutions == 0) == (platform == "cpu"), (platform, convolutions)
+
+
+@pytest.mark.parametrize("cpu_form,convolutions", [("row_matmuls", 0), ("xla_row_dx", 2), ("xla", 3)])
+def test_cpu_forms_lower_the_expected_convolutions(cpu_form, convolutions):
+  # "xla_row_dx": XLA's forward and kernel gradient, the input gradient as
+  # matrix products (no third, transposed convolution).
+  x = jax.ShapeDtypeStruct((2, 12, 12, 20), jnp.float32)
+  w = jax.ShapeDtypeStruct((7, 7, 20, 5), jnp.float32)
+  grad = jax.grad(lambda x, w: jnp.sum(ours_conv(x, w, "VALID", cpu_form=cpu_form) ** 2),
+                  argnums=(0, 1))
+  module = jax.export.export(jax.jit(grad), platforms=("cpu",))(x, w).mlir_module()
+  assert module.count("stablehlo.convolution") == convolutions
+
+
+def test_default_cpu_form_follows_the_xla_flags(monkeypatch):
+  x = jax.ShapeDtypeStruct((2, 12, 12, 20), jnp.float32)
+  w = jax.ShapeDtypeStruct((7, 7, 20, 5), jnp.float32)
+  counts = {}
+  for flags in ("", " ".join(xla_cpu.FLAGS)):
+    monkeypatch.setenv("XLA_FLAGS", flags)  # Read when tracing: a new function each time.
+    grad = jax.grad(lambda x, w: jnp.sum(ours_conv(x, w, "VALID", cpu_form=None) ** 2),
+                    argnums=(0, 1))
+    module = jax.export.export(jax.jit(grad), platforms=("cpu",))(x, w).mlir_module()
+    counts[flags] = module.count("stablehlo.convolution")
+  assert list(counts.values()) == [0, 2]

@@ -33,7 +33,8 @@ interleaved rounds (the implementations take turns, so machine noise hits
 them alike), each the median of `--steps` timed, synchronised steps; the
 table gives the median over rounds and torch_s / stnjax_s (> 1: stnjax
 faster). `GLIBC_TUNABLES` is left as given (recorded in the provenance;
-scripts/run.sh trains with `glibc.malloc.hugetlb=1`).
+scripts/run.sh trains with `glibc.malloc.hugetlb=1`). `stnjax.xla_cpu.configure()`
+runs first, as in the training scripts (`--xla_cpu_flags off`: without).
 """
 
 import argparse
@@ -54,6 +55,7 @@ from scripts.bench import bench_train
 from scripts.bench import timing
 from stnjax import models
 from stnjax import train
+from stnjax import xla_cpu
 from stnjax.data import variants
 
 CONFIG_FILE = timing.ROOT / "experiments" / "configs" / "distorted_mnist.py"
@@ -379,12 +381,16 @@ def parse_args(argv=None):
                                   len(os.sched_getaffinity(0))),
                       help="CPU devices for the data-parallel column (0: JAX's default)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--xla_cpu_flags", choices=("on", "off"), default="on",
+                      help="on: stnjax.xla_cpu.configure() first, as the training scripts do")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   return parser.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.xla_cpu_flags == "on":
+    xla_cpu.configure()  # Before the backend starts, as experiments/train.py.
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # Before the backend starts.
   torch.set_num_threads(args.torch_threads)
@@ -443,7 +449,7 @@ def main(argv=None):
   print(f"\njax {jax.__version__} on {n_dev} {jax.devices()[0].platform} device(s); torch "
         f"{torch_info}; {timing.cpu_model()}, {os.cpu_count()} CPUs; load average "
         f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.rounds} rounds of "
-        f"{args.steps} steps (median)\n")
+        f"{args.steps} steps (median); stnjax.xla_cpu flags in effect: {xla_cpu.in_effect()}\n")
   # The data-parallel column: "-" where there is one device (or the batch does not split).
   dp = f"stnjax_{n_dev}" if n_dev > 1 else None
   dp_name = f"stnjax {n_dev} devices" if dp else "stnjax data parallel"
@@ -456,7 +462,8 @@ def main(argv=None):
     dp_ratio = f"{r['torch_over_' + dp]:.2f}" if dp in s else "-"
     print(f"| {r['workload']} | {r['params']:,} | {r['batch']} | {s['stnjax_1']:.4f} | {dp_s} | "
           f"{s['torch']:.4f} | {r['torch_over_stnjax_1']:.2f} | {dp_ratio} |")
-  results = {"param_budget": PARAM_BUDGET, "lr": LR, "rounds": args.rounds, "steps": args.steps,
+  results = {"xla_cpu_flags_in_effect": xla_cpu.in_effect(),
+             "param_budget": PARAM_BUDGET, "lr": LR, "rounds": args.rounds, "steps": args.steps,
              "warmup": args.warmup, "devices": n_dev, "torch": torch_info,
              "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
              "equivalence_checks": checks, "rows": rows}

@@ -68,6 +68,7 @@ from stnjax import input_pipeline
 from stnjax import layers
 from stnjax import models
 from stnjax import train
+from stnjax import xla_cpu
 
 BATCH = 64
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,7 +261,8 @@ def main():
                       help="CPU devices for the data-parallel row (default: one per core)")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   args = parser.parse_args()
-  jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # Before the backend starts.
+  xla_cpu.configure()  # Before the backend starts, as experiments/train.py.
+  jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   load_before = os.getloadavg()[0]
   rows = {"torch": torch_step(), "flax": flax_tutorial_step()}
   data_parallel = jax.default_backend() == "cpu" and jax.device_count() > 1

@@ -131,6 +131,7 @@ def provenance() -> dict:
       "jax": jax.__version__,
       "python": platform.python_version(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+      "xla_flags": os.environ.get("XLA_FLAGS"),
       "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
   }
 

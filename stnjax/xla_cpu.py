@@ -1,0 +1,70 @@
+"""The XLA:CPU setting stnjax's scripts use, and the one place that reads it.
+
+jaxlib 0.10 hands every convolution to YNNPACK on CPU; on the CPUs measured
+(docs/performance.md names them), YNNPACK runs the paper models' convolutions (7x7, 86 channels) and
+their kernel gradients at about half the speed of XLA's own (Eigen)
+convolution. `FLAGS` takes convolutions out of
+YNNPACK's share and leaves it the dot products. XLA reads its flags once,
+when JAX starts its CPU backend, so `configure()` must run before the first
+JAX computation: stnjax's scripts call it first thing; a library user calls
+it the same way, or sets `XLA_FLAGS` themselves.
+
+`layers.conv_general_dilated` picks its CPU form from `convolution_form()`:
+with the flag in effect XLA's convolution computes the forward pass and the
+kernel gradient, otherwise row matrix products do; the input gradient is row
+matrix products either way (XLA's transposed convolution is slower still).
+"""
+
+import os
+import warnings
+
+# Removes "individual_convolution" from XLA:CPU's YNNPACK fusion types.
+YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+FLAGS = (f"{YNNPACK_FLAG}=-individual_convolution",)
+# The first jaxlib measured with it; older ones may not know the flag, and
+# XLA aborts on an unknown flag.
+MIN_JAXLIB = (0, 10)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return tuple(int(part) for part in jaxlib.__version__.split(".")[:2] if part.isdigit())
+
+
+def _backend_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
+def configure() -> bool:
+  """Appends `FLAGS` to `XLA_FLAGS` unless already set; returns whether they are in effect.
+
+  Leaves `XLA_FLAGS` alone (and returns whether it already holds `FLAGS`)
+  when it sets the YNNPACK fusion types itself, when jaxlib predates
+  `MIN_JAXLIB`, or when JAX's backend has started (then also warns: the
+  flags would not be read).
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  if YNNPACK_FLAG in current:
+    return in_effect()
+  if _jaxlib_version() < MIN_JAXLIB:
+    return False
+  if _backend_started():
+    warnings.warn("stnjax.xla_cpu.configure() was called after JAX started its backend; "
+                  f"XLA_FLAGS is left as is. Call it before the first JAX computation for {FLAGS}.",
+                  stacklevel=2)
+    return False
+  os.environ["XLA_FLAGS"] = " ".join([current, *FLAGS]).strip()
+  return True
+
+
+def in_effect() -> bool:
+  """Whether `XLA_FLAGS` holds `FLAGS` (read when JAX's backend starts)."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  return all(flag in flags for flag in FLAGS)
+
+
+def convolution_form() -> str:
+  """The CPU form `layers.conv_general_dilated` uses for a multi-channel input by default."""
+  return "xla_row_dx" if in_effect() else "row_matmuls"
+
