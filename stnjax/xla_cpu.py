@@ -1,16 +1,20 @@
-"""The XLA:CPU setting stnjax's scripts use, and the one place that reads it.
+"""The XLA:CPU settings stnjax's scripts use, and the one place that reads them.
 
 jaxlib 0.10 hands every convolution to YNNPACK on CPU; on the CPUs measured
-(docs/performance.md names them), YNNPACK runs the paper models' convolutions (7x7, 86 channels) and
-their kernel gradients at about half the speed of XLA's own (Eigen)
-convolution. `FLAGS` takes convolutions out of
-YNNPACK's share and leaves it the dot products. XLA reads its flags once,
-when JAX starts its CPU backend, so `configure()` must run before the first
-JAX computation: stnjax's scripts call it first thing; a library user calls
-it the same way, or sets `XLA_FLAGS` themselves.
+(docs/performance.md names them), YNNPACK runs the paper models'
+convolutions (7x7, 86 channels) and their kernel gradients at about half the
+speed of XLA's own (Eigen) convolution. `FLAGS` takes convolutions out of
+YNNPACK's share and leaves it the dot products. When a process trains data
+parallel over several CPU devices (one per core, as scripts/run.sh does),
+`DATA_PARALLEL_FLAGS` also keeps each device's matrix products and
+convolutions on its own thread instead of sharing Eigen's thread pool with
+the other devices. XLA reads its flags once, when JAX starts its CPU
+backend, so `configure()` must run before the first JAX computation:
+stnjax's scripts call it first thing; a library user calls it the same way,
+or sets `XLA_FLAGS` themselves.
 
 `layers.conv_general_dilated` picks its CPU form from `convolution_form()`:
-with the flag in effect XLA's convolution computes the forward pass and the
+with `FLAGS` in effect XLA's convolution computes the forward pass and the
 kernel gradient, otherwise row matrix products do; the input gradient is row
 matrix products either way (XLA's transposed convolution is slower still).
 """
@@ -21,7 +25,10 @@ import warnings
 # Removes "individual_convolution" from XLA:CPU's YNNPACK fusion types.
 YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 FLAGS = (f"{YNNPACK_FLAG}=-individual_convolution",)
-# The first jaxlib measured with it; older ones may not know the flag, and
+# With several CPU devices: each device's Eigen operations on one thread.
+EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+DATA_PARALLEL_FLAGS = (f"{EIGEN_FLAG}=false",)
+# The first jaxlib measured with them; older ones may not know the flag, and
 # XLA aborts on an unknown flag.
 MIN_JAXLIB = (0, 10)
 
@@ -36,15 +43,24 @@ def _backend_started() -> bool:
   return xla_bridge.backends_are_initialized()
 
 
-def configure() -> bool:
+def _cpu_devices_from_env() -> int:
+  value = os.environ.get("JAX_NUM_CPU_DEVICES", "")
+  return int(value) if value.strip().isdigit() else 1
+
+
+def configure(cpu_devices: int | None = None) -> bool:
   """Appends `FLAGS` to `XLA_FLAGS` unless already set; returns whether they are in effect.
 
-  Leaves `XLA_FLAGS` alone (and returns whether it already holds `FLAGS`)
-  when it sets the YNNPACK fusion types itself, when jaxlib predates
-  `MIN_JAXLIB`, or when JAX's backend has started (then also warns: the
-  flags would not be read).
+  With `cpu_devices` > 1 (default: `JAX_NUM_CPU_DEVICES`) appends
+  `DATA_PARALLEL_FLAGS` too, unless `XLA_FLAGS` sets Eigen's threading
+  itself. Leaves `XLA_FLAGS` alone (and returns whether it already holds
+  `FLAGS`) when it sets the YNNPACK fusion types itself, when jaxlib
+  predates `MIN_JAXLIB`, or when JAX's backend has started (then also
+  warns: the flags would not be read).
   """
   current = os.environ.get("XLA_FLAGS", "")
+  cpu_devices = _cpu_devices_from_env() if cpu_devices is None else cpu_devices
+  extra = DATA_PARALLEL_FLAGS if cpu_devices > 1 and EIGEN_FLAG not in current else ()
   if YNNPACK_FLAG in current:
     return in_effect()
   if _jaxlib_version() < MIN_JAXLIB:
@@ -54,7 +70,7 @@ def configure() -> bool:
                   f"XLA_FLAGS is left as is. Call it before the first JAX computation for {FLAGS}.",
                   stacklevel=2)
     return False
-  os.environ["XLA_FLAGS"] = " ".join([current, *FLAGS]).strip()
+  os.environ["XLA_FLAGS"] = " ".join([current, *FLAGS, *extra]).strip()
   return True
 
 

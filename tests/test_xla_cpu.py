@@ -34,8 +34,11 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def run_probe(xla_flags=None, start_first=False):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "START_FIRST")}
+def run_probe(xla_flags=None, start_first=False, cpu_devices=None):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "START_FIRST", "JAX_NUM_CPU_DEVICES")}
+  if cpu_devices is not None:
+    env["JAX_NUM_CPU_DEVICES"] = str(cpu_devices)
   env["JAX_PLATFORMS"] = "cpu"
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
@@ -59,6 +62,16 @@ def test_configure_before_start_appends_the_flag_and_xla_accepts_it(unset):
   # Same convolution, other CPU form and library: float32 round-off apart.
   assert got["loss"] == pytest.approx(unset["loss"], rel=1e-5)
   assert got["grad_sums"] == pytest.approx(unset["grad_sums"], rel=1e-5)
+
+
+def test_configure_with_several_cpu_devices_adds_the_eigen_flag(unset):
+  got = run_probe(cpu_devices=2)
+  assert got["configured"] and got["in_effect"]
+  assert got["xla_flags"].split() == [*xla_cpu.FLAGS, *xla_cpu.DATA_PARALLEL_FLAGS]
+  assert got["loss"] == pytest.approx(unset["loss"], rel=1e-5)
+  # A user's own Eigen threading is kept.
+  got = run_probe(xla_flags=f"{xla_cpu.EIGEN_FLAG}=true", cpu_devices=2)
+  assert got["xla_flags"].split() == [f"{xla_cpu.EIGEN_FLAG}=true", *xla_cpu.FLAGS]
 
 
 def test_configure_after_start_warns_and_changes_nothing(unset):

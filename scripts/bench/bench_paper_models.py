@@ -34,7 +34,9 @@ them alike), each the median of `--steps` timed, synchronised steps; the
 table gives the median over rounds and torch_s / stnjax_s (> 1: stnjax
 faster). `GLIBC_TUNABLES` is left as given (recorded in the provenance;
 scripts/run.sh trains with `glibc.malloc.hugetlb=1`). `stnjax.xla_cpu.configure()`
-runs first, as in the training scripts (`--xla_cpu_flags off`: without).
+runs first, as in the training scripts, for `--cpu_devices` devices (so the
+one-device column runs under the data-parallel flags too; `--xla_cpu_flags
+off`: without any).
 """
 
 import argparse
@@ -390,7 +392,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   if args.xla_cpu_flags == "on":
-    xla_cpu.configure()  # Before the backend starts, as experiments/train.py.
+    xla_cpu.configure(args.cpu_devices)  # Before the backend starts, as experiments/train.py.
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # Before the backend starts.
   torch.set_num_threads(args.torch_threads)

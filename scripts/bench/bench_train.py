@@ -261,7 +261,7 @@ def main():
                       help="CPU devices for the data-parallel row (default: one per core)")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   args = parser.parse_args()
-  xla_cpu.configure()  # Before the backend starts, as experiments/train.py.
+  xla_cpu.configure(args.cpu_devices)  # Before the backend starts, as experiments/train.py.
   jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   load_before = os.getloadavg()[0]
   rows = {"torch": torch_step(), "flax": flax_tutorial_step()}
