@@ -127,6 +127,8 @@ def provenance() -> dict:
       "command": " ".join(command),
       "cpu_model": cpu_model(),
       "cpu_count": os.cpu_count(),
+      "cpus_available": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count()),
       "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
       "jax": jax.__version__,
       "python": platform.python_version(),

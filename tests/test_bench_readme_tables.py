@@ -1,0 +1,52 @@
+"""scripts.bench.readme_tables: the README's benchmark block is what the result files say."""
+
+import os
+
+import pytest
+
+from scripts.bench import readme_tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _paper(cpu, flags_on, stnjax_s, torch_s):
+  return {"provenance": {"cpu_model": cpu, "cpu_count": 2, "jax": "0.10.2"},
+          "xla_cpu_flags_in_effect": flags_on, "devices": 2,
+          "rows": [{"workload": "RTS cnn", "batch": b,
+                    "seconds_per_step": {"stnjax_1": 9.0, "stnjax_2": stnjax_s, "torch": torch_s}}
+                   for b in (256, 128)]}
+
+
+def _sampler(cpu, cpus, ratio):
+  return {"provenance": {"cpu_model": cpu, "cpu_count": 2, "cpus_available": cpus,
+                         "jax": "0.10.2"},
+          "rows": [{"shape": "256x28x28x1", "workload": w, "ratio_torch_over_stnjax": ratio}
+                   for w in readme_tables.SAMPLER_WORKLOADS]}
+
+
+def test_block_per_cpu_model_from_the_data_parallel_column():
+  text = readme_tables.block(
+      [("a.json", _paper("Intel Xeon", True, 0.5, 0.25)),
+       ("off.json", _paper("Intel Xeon", False, 0.1, 0.9)),  # Flags off: not how we train.
+       ("b.json", _paper("AMD EPYC", True, 0.2, 0.3))],
+      [("s2.json", _sampler("AMD EPYC", 2, 0.5)), ("s1.json", _sampler("AMD EPYC", 1, 1.25))])
+  amd, intel = text.split("**Intel Xeon**")
+  assert "**AMD EPYC**" in amd and "off.json" not in text
+  assert "| RTS cnn | 0.500 | 0.250 | 0.50 | 0.500 | 0.250 | 0.50 |" in intel
+  assert "| RTS cnn | 0.200 | 0.300 | 1.50 | 0.200 | 0.300 | 1.50 |" in amd
+  rows = [line for line in amd.splitlines() if line.startswith("| 256x28x28x1")]
+  assert rows == ["| 256x28x28x1 | 2 | 0.50 | 0.50 | 0.50 | 0.50 |",
+                  "| 256x28x28x1 | 1 | 1.25 | 1.25 | 1.25 | 1.25 |"]
+
+
+def test_readme_block_matches_the_committed_results():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  expected = readme_tables.block(readme_tables.load("results/bench/paper_models_*.json"),
+                                 readme_tables.load("results/bench/sampler_*.json"))
+  assert readme_tables.replace_block(readme, expected) == readme
+
+
+def test_replace_block_needs_the_markers():
+  with pytest.raises(ValueError, match="bench:begin"):
+    readme_tables.replace_block("no markers", "x")
