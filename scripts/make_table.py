@@ -184,12 +184,12 @@ def readme_block(records, metric, plot_link=None):
   return "\n".join(lines).rstrip("\n")
 
 
-def replace_readme_block(text, block):
-  """`text` with the part between README_BEGIN and README_END replaced by `block`."""
-  start, end = text.find(README_BEGIN), text.find(README_END)
-  if start < 0 or end < start:
-    raise ValueError(f"The README has no '{README_BEGIN}' ... '{README_END}' block.")
-  return text[:start + len(README_BEGIN)] + "\n" + block + "\n" + text[end:]
+def replace_readme_block(text, block, begin=README_BEGIN, end=README_END):
+  """`text` with the part between the `begin` and `end` markers replaced by `block`."""
+  start, stop = text.find(begin), text.find(end)
+  if start < 0 or stop < start:
+    raise ValueError(f"The README has no '{begin}' ... '{end}' block.")
+  return text[:start + len(begin)] + "\n" + block + "\n" + text[stop:]
 
 
 def plot(records, metric, path):

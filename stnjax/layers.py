@@ -108,34 +108,12 @@ def _conv_multichannel(x, w, padding, cpu_form):
   """
   if cpu_form == "xla":
     wide = math.prod(w.shape[:3]) > _MAX_PATCH_WIDTH
-    return _conv(x, w, padding) if wide else _conv2d(x, w, padding)
-  cpu = _conv_as_row_matmuls if cpu_form == "row_matmuls" else _conv_row_input_grad
-  return lax.platform_dependent(
-      x, w, cpu=lambda x, w: cpu(x, w, padding), default=lambda x, w: _conv(x, w, padding))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_row_input_grad(x, w, padding):
-  """XLA's convolution and kernel gradient, with the input gradient of `_conv_as_row_matmuls`.
-
-  XLA:CPU lowers the input gradient to a transposed convolution that runs
-  several times slower than the row products' (`cpu_form="xla_row_dx"`).
-  """
-  return _conv(x, w, padding)
-
-
-def _conv_row_input_grad_fwd(x, w, padding):
-  return _conv(x, w, padding), (x, w)
-
-
-def _conv_row_input_grad_bwd(padding, residuals, cotangent):
-  x, w = residuals
-  x_bar = jax.vjp(lambda x: _conv_as_row_matmuls(x, w, padding), x)[1](cotangent)[0]
-  w_bar = jax.vjp(lambda w: _conv(x, w, padding), w)[1](cotangent)[0]
-  return x_bar, w_bar
-
-
-_conv_row_input_grad.defvjp(_conv_row_input_grad_fwd, _conv_row_input_grad_bwd)
+    return _conv(x, w, padding) if wide else _conv2d(x, w, padding, _conv_as_matmul)
+  if cpu_form == "row_matmuls":
+    cpu = lambda x, w: _conv_as_row_matmuls(x, w, padding)
+  else:  # "xla_row_dx": XLA:CPU's transposed convolution (the input gradient) is the slow one.
+    cpu = lambda x, w: _conv2d(x, w, padding, _conv_as_row_matmuls)
+  return lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: _conv(x, w, padding))
 
 
 def _conv_as_matmul(x, w, padding):
@@ -154,8 +132,15 @@ def _conv_as_matmul(x, w, padding):
 _MAX_MULTIPLY_ADD_CHANNELS = 32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d(x, w, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x, w, padding, input_grad_form):
+  """XLA's convolution and kernel gradient; the input gradient by autodiff of `input_grad_form`.
+
+  `input_grad_form` is `_conv_as_matmul` (the transpose of im2col: a matrix
+  product, then the shifted patches summed back) or `_conv_as_row_matmuls`,
+  where XLA:CPU would lower a slow transposed convolution. A single-channel
+  input with few output channels is convolved as multiply-adds instead.
+  """
   if x.shape[-1] == 1 and w.shape[-1] <= _MAX_MULTIPLY_ADD_CHANNELS:
     # XLA:CPU fuses these multiply-adds into each consumer (the max pool after
     # a network's first layer), where they run several times slower than
@@ -164,15 +149,13 @@ def _conv2d(x, w, padding):
   return _conv(x, w, padding)
 
 
-def _conv2d_fwd(x, w, padding):
-  return _conv2d(x, w, padding), (x, w)
+def _conv2d_fwd(x, w, padding, input_grad_form):
+  return _conv2d(x, w, padding, input_grad_form), (x, w)
 
 
-def _conv2d_bwd(padding, residuals, cotangent):
+def _conv2d_bwd(padding, input_grad_form, residuals, cotangent):
   x, w = residuals
-  # Input gradient: the transpose of im2col (a matrix product, then the
-  # shifted patches summed back); kernel gradient: XLA's own rule.
-  x_bar = jax.vjp(lambda x: _conv_as_matmul(x, w, padding), x)[1](cotangent)[0]
+  x_bar = jax.vjp(lambda x: input_grad_form(x, w, padding), x)[1](cotangent)[0]
   w_bar = jax.vjp(lambda w: _conv(x, w, padding), w)[1](cotangent)[0]
   return x_bar, w_bar
 
@@ -218,7 +201,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
   if jnp.shape(lhs)[-1] > 1:
     return _conv_multichannel(lhs, rhs, explicit, cpu_form)
-  return _conv2d(lhs, rhs, explicit)
+  return _conv2d(lhs, rhs, explicit, _conv_as_matmul)
 
 
 def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
