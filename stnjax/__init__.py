@@ -5,7 +5,8 @@ The core is a set of pure functions: grid generators (`affine_grid`,
 coordinates `(x, y[, z])`, and `grid_sample`, which samples channels-last
 images at those coordinates with PyTorch-exact semantics. Each works on one
 example and on any leading batch dimensions, and is differentiable to any
-order with `jax.grad`.
+order with `jax.grad`. `stnjax.xla_cpu.configure()`, called before JAX
+starts, sets the XLA:CPU flags the training scripts use.
 """
 
 from stnjax.grids import affine_grid
@@ -20,6 +21,7 @@ from stnjax.transforms import attention_theta
 from stnjax.transforms import homography_from_points
 from stnjax.transforms import identity_theta
 from stnjax.transforms import rts_theta
+from stnjax import xla_cpu  # pylint: disable=g-bad-import-order
 
 __version__ = "0.1.0"
 
