@@ -109,8 +109,29 @@ def homography_from_points(target: jax.Array, source: jax.Array) -> jax.Array:
   rows_v = jnp.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
   system = jnp.concatenate([rows_u, rows_v], axis=-2)  # (..., 8, 8)
   rhs = jnp.concatenate([u, v], axis=-1)
-  h = jnp.linalg.solve(system, rhs[..., None])[..., 0]
+  h = _solve(system, rhs)
   return jnp.concatenate([h, jnp.ones_like(h[..., :1])], -1).reshape(h.shape[:-1] + (3, 3))
+
+
+def _solve(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`x` with `a @ x = b` for `(..., n, n)`, `(..., n)`: Gaussian elimination with partial pivoting.
+
+  Written out in `jnp` rather than `jnp.linalg.solve`, whose CPU LAPACK call
+  hangs a jitted program sharded over several CPU devices (the P training
+  batches of a data-parallel run; tests/test_transforms.py). Same pivoting
+  as LAPACK's LU, so as stable; differentiable through its arithmetic.
+  """
+  n = a.shape[-1]
+  rows = jnp.broadcast_to(jnp.arange(n), a.shape[:-1])
+  m = jnp.concatenate([a, b[..., None]], axis=-1)  # The augmented matrix.
+  for col in range(n):
+    pivot = jnp.argmax(jnp.abs(m[..., col:, col]), axis=-1)[..., None] + col
+    swap = jnp.where(rows == col, pivot, jnp.where(rows == pivot, col, rows))
+    m = jnp.take_along_axis(m, swap[..., None], axis=-2)
+    pivot_row = m[..., col, :] / m[..., col, col, None]
+    m = m - m[..., :, col, None] * pivot_row[..., None, :]  # Clears the column, pivot row too.
+    m = m.at[..., col, :].set(pivot_row)
+  return m[..., n]
 
 
 def corners(dtype=np.float32) -> np.ndarray:

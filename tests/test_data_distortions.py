@@ -1,6 +1,9 @@
 """Distortions: determinism, shapes, labels, parameter distributions, identity, placement, clutter."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -286,3 +289,29 @@ def test_p_draws_are_well_formed_and_literal_draws_are_not(pool):
   quads = distortions.projective_target(raw["scale"], raw["corner_offsets"], 28)
   rejected = ~np.asarray(distortions.quad_is_well_formed(quads, raw["scale"], v.quad_rule))
   assert 0.05 < rejected.mean() < 0.25, rejected.mean()
+
+
+SHARDED_P_BATCH = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from stnjax import data
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 28, 28), np.uint8))
+labels = jnp.zeros((64,), jnp.int32)
+
+@jax.jit
+def batch(key):
+  out = data.sample_train_batch("P", key, images, labels, 32)
+  return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P("data")))
+
+print(batch(jax.random.key(0))[0].shape)
+"""
+
+
+def test_p_batches_sharded_over_two_cpu_devices_finish():
+  # As stnjax.train draws a data-parallel run's batches. With LAPACK's solve
+  # in homography_from_points this program never returned on XLA:CPU.
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", SHARDED_P_BATCH], env=env, capture_output=True,
+                        text=True, timeout=180, check=True)
+  assert done.stdout.strip().splitlines()[-1] == "(32, 28, 28, 1)"

@@ -175,3 +175,12 @@ def test_models_reexports_the_transform_parameterisations():
   from stnjax import models  # pylint: disable=g-import-not-at-top
   assert models.transform_grid is transforms.transform_grid
   assert models.identity_params is transforms.identity_params
+
+
+def test_solve_pivots_like_lapack(x64, rng):
+  # A zero on the diagonal needs a row swap; batched systems; against numpy.
+  a = rng.normal(size=(5, 8, 8))
+  a[0, 0, 0] = 0.0
+  b = rng.normal(size=(5, 8))
+  x = transforms._solve(jnp.asarray(a), jnp.asarray(b))  # pylint: disable=protected-access
+  np.testing.assert_allclose(x, np.linalg.solve(a, b[..., None])[..., 0], rtol=1e-9, atol=1e-9)
