@@ -4,18 +4,17 @@
   plain 2-D convolutions (stride 1, no dilation, no groups, channels last).
   Pass it to Flax as `nn.Conv(..., conv_general_dilated=layers.
   conv_general_dilated)`: same parameters, same values up to float
-  round-off. XLA:CPU's own convolution runs far below its matrix product's
-  speed, so on CPU a multi-channel input is convolved as `kh` matrix
-  products of width-only patches, and autodiff of that form gives both
-  gradients as matrix products (other platforms keep XLA's convolution).
-  With `xla_cpu.FLAGS` in effect (YNNPACK off convolutions), XLA's own
-  convolution is the faster forward pass and kernel gradient, and only the
-  input gradient stays row products (`xla_cpu.convolution_form()`).
-  A single-channel input (a network's first layer) keeps a hand-written
-  VJP: its input gradient is a matrix product with the kernel followed by a
-  sum of shifted copies ("col2im"), where XLA would lower a slow transposed
-  convolution; with few output channels its forward is fused multiply-adds
-  in a loop of their own (`_cpu_kernels.own_loop_on_cpu`).
+  round-off. On CPU a hand-written VJP replaces XLA's transposed
+  convolution, the slow part: a multi-channel input's gradient is one
+  convolution along the width and shifted row sums, a single-channel
+  input's (a network's first layer) a matrix product with the kernel and a
+  sum of shifted copies ("col2im"). With `xla_cpu.FLAGS` in effect
+  (YNNPACK off convolutions) XLA's own convolution computes the forward pass
+  and the kernel gradient; without them YNNPACK's convolution is slower than
+  its matrix product, and `kh` matrix products of width-only patches do
+  (`xla_cpu.convolution_form()`). Other platforms keep XLA's convolution. A
+  single-channel input with few output channels is convolved as fused
+  multiply-adds in a loop of their own (`_cpu_kernels.own_loop_on_cpu`).
   Re-run: `python -m scripts.bench.bench_ablations --rows conv`.
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
   stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
@@ -29,7 +28,6 @@
 """
 
 import functools
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -41,11 +39,6 @@ from stnjax import _cpu_kernels
 from stnjax import xla_cpu
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# The hand-written VJP is used up to this many kernel taps x input channels:
-# its input gradient materialises patches of this width, which pays for
-# first layers and few channels (5x5x10 in the STN tutorial) but not for
-# wide layers, where XLA's transposed convolution is the better choice.
-_MAX_PATCH_WIDTH = 256
 
 
 def _explicit_padding(padding, in_spatial, kernel_spatial) -> tuple[tuple[int, int], ...]:
@@ -84,11 +77,12 @@ def _conv_one_input_channel(x, w, padding):
 def _conv_as_row_matmuls(x, w, padding):
   """The convolution as `kh` matrix products of width-only patches `(N, H, Wo, kw * C)`.
 
-  XLA:CPU's own convolution of a wide layer (7x7, 86 -> 86 channels) runs far
-  below its matrix product's speed, forward and backward; patches along the
-  width only hold `kw` (not `kh * kw`) copies of the input, which keeps them
-  near the cache. Autodiff of this form gives both gradients as matrix
-  products too (`python -m scripts.bench.bench_ablations --rows conv`).
+  Without `xla_cpu.FLAGS`, XLA:CPU's own convolution of a wide layer (7x7,
+  86 -> 86 channels) runs far below its matrix product's speed, forward and
+  kernel gradient; patches along the width only hold `kw` (not `kh * kw`)
+  copies of the input, which keeps them near the cache. Autodiff of this
+  form gives the kernel gradient as matrix products too (`python -m
+  scripts.bench.bench_ablations --rows conv`).
   """
   kh, kw, cin, cout = w.shape
   x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
@@ -101,18 +95,11 @@ def _conv_as_row_matmuls(x, w, padding):
 
 
 def _conv_multichannel(x, w, padding, cpu_form):
-  """A plain convolution of a multi-channel input: on CPU in `cpu_form`, elsewhere XLA's.
-
-  `cpu_form="xla"` is the earlier path: the col2im input gradient up to
-  `_MAX_PATCH_WIDTH` patch columns, XLA's own convolution beyond.
-  """
-  if cpu_form == "xla":
-    wide = math.prod(w.shape[:3]) > _MAX_PATCH_WIDTH
-    return _conv(x, w, padding) if wide else _conv2d(x, w, padding, _conv_as_matmul)
-  if cpu_form == "row_matmuls":
-    cpu = lambda x, w: _conv_as_row_matmuls(x, w, padding)
-  else:  # "xla_row_dx": XLA:CPU's transposed convolution (the input gradient) is the slow one.
-    cpu = lambda x, w: _conv2d(x, w, padding, _conv_as_row_matmuls)
+  """A plain convolution of a multi-channel input: on CPU in `cpu_form`, elsewhere XLA's."""
+  if cpu_form == "lax":
+    return _conv(x, w, padding)
+  forward = _conv_as_row_matmuls if cpu_form == "row_matmuls" else _conv
+  cpu = lambda x, w: _conv2d(x, w, padding, forward, _input_grad_by_width_conv)
   return lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: _conv(x, w, padding))
 
 
@@ -126,44 +113,71 @@ def _conv_as_matmul(x, w, padding):
   return jnp.dot(patches, w.reshape(kh * kw * cin, cout))
 
 
+def _input_grad_by_col2im(x, w, padding, cotangent):
+  """The input gradient as the transpose of im2col: one matrix product, then shifted sums."""
+  return jax.vjp(lambda x: _conv_as_matmul(x, w, padding), x)[1](cotangent)[0]
+
+
+def _input_grad_by_width_conv(x, w, padding, cotangent):
+  """The input gradient as one convolution along the width and `kh` shifted row sums.
+
+  Output row `r` of kernel row `i` feeds input row `r + i`: one `(1, kw)`
+  convolution of the cotangent, padded along the width only, computes every
+  kernel row's contribution at once (`kh * C` output channels), and `kh`
+  shifted slices add them up. XLA's transposed convolution pads the
+  cotangent along both axes and computes over the zeros; row matrix products
+  write `kw` times the input gradient before summing.
+  """
+  kh, kw, cin, cout = w.shape
+  # k[0, j, o, (i, c)] = w[i, kw - 1 - j, c, o]: the width taps flipped.
+  k = jnp.transpose(w[:, ::-1], (1, 3, 0, 2)).reshape(1, kw, cout, kh * cin)
+  z = _conv(cotangent, k, ((0, 0), (kw - 1, kw - 1)))
+  n, ho, wp, _ = z.shape
+  z = z.reshape(n, ho, wp, kh, cin)
+  padded = sum(jnp.pad(z[:, :, :, i], ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0)))
+               for i in range(kh))
+  (top, _), (left, _) = padding
+  return padded[:, top:top + x.shape[1], left:left + x.shape[2]]
+
+
 # A single-channel input is convolved as multiply-adds up to this many output
 # channels; wider first layers (9x9, 1 -> 86 in the paper's CNN) are faster
 # as XLA's convolution (`python -m scripts.bench.bench_ablations --rows conv`).
 _MAX_MULTIPLY_ADD_CHANNELS = 32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d(x, w, padding, input_grad_form):
-  """XLA's convolution and kernel gradient; the input gradient by autodiff of `input_grad_form`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv2d(x, w, padding, forward, input_grad):
+  """`forward(x, w, padding)` and its kernel gradient; the input gradient by `input_grad`.
 
-  `input_grad_form` is `_conv_as_matmul` (the transpose of im2col: a matrix
-  product, then the shifted patches summed back) or `_conv_as_row_matmuls`,
-  where XLA:CPU would lower a slow transposed convolution. A single-channel
-  input with few output channels is convolved as multiply-adds instead.
+  `forward` is XLA's convolution or `_conv_as_row_matmuls`; `input_grad` is
+  `_input_grad_by_col2im` or `_input_grad_by_width_conv`, where XLA:CPU
+  would lower a slow transposed convolution. A single-channel input with few
+  output channels is convolved as multiply-adds instead.
   """
   if x.shape[-1] == 1 and w.shape[-1] <= _MAX_MULTIPLY_ADD_CHANNELS:
     # XLA:CPU fuses these multiply-adds into each consumer (the max pool after
     # a network's first layer), where they run several times slower than
     # alone: computed in a loop of their own instead.
     return _cpu_kernels.own_loop_on_cpu(_conv_one_input_channel(x, w, padding))
-  return _conv(x, w, padding)
+  return forward(x, w, padding)
 
 
-def _conv2d_fwd(x, w, padding, input_grad_form):
-  return _conv2d(x, w, padding, input_grad_form), (x, w)
+def _conv2d_fwd(x, w, padding, forward, input_grad):
+  return _conv2d(x, w, padding, forward, input_grad), (x, w)
 
 
-def _conv2d_bwd(padding, input_grad_form, residuals, cotangent):
+def _conv2d_bwd(padding, forward, input_grad, residuals, cotangent):
   x, w = residuals
-  x_bar = jax.vjp(lambda x: input_grad_form(x, w, padding), x)[1](cotangent)[0]
-  w_bar = jax.vjp(lambda w: _conv(x, w, padding), w)[1](cotangent)[0]
+  x_bar = input_grad(x, w, padding, cotangent)
+  w_bar = jax.vjp(lambda w: forward(x, w, padding), w)[1](cotangent)[0]
   return x_bar, w_bar
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-CPU_CONV_FORMS = ("row_matmuls", "xla_row_dx", "xla")
+CPU_CONV_FORMS = ("row_matmuls", "xla", "lax")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -176,11 +190,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   C, O)` kernel, unit strides and dilations, no feature or batch groups,
   default precision and result type. Everything else goes to
   `lax.conv_general_dilated` unchanged. `cpu_form` picks the CPU path of a
-  multi-channel input: "row_matmuls" (the module docstring), "xla_row_dx"
-  (XLA's convolution and kernel gradient, the row products' input
-  gradient) or "xla" (XLA's forward, the col2im input gradient up to 256
-  patch columns; for ablations); None takes `xla_cpu.convolution_form()`,
-  which follows the process's XLA flags. Every path is written with
+  multi-channel input's forward pass and kernel gradient: "row_matmuls"
+  (width-only patches) or "xla" (XLA's convolution), both with the
+  width-convolution input gradient, or "lax" (`lax.conv_general_dilated`
+  as is, for ablations); None takes `xla_cpu.convolution_form()`, which
+  follows the process's XLA flags. Every path is written with
   differentiable ops, so higher-order reverse-mode derivatives work.
   """
   plain = (_is_channels_last_2d(dimension_numbers, jnp.ndim(lhs))
@@ -201,7 +215,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
   if jnp.shape(lhs)[-1] > 1:
     return _conv_multichannel(lhs, rhs, explicit, cpu_form)
-  return _conv2d(lhs, rhs, explicit, _conv_as_matmul)
+  return _conv2d(lhs, rhs, explicit, _conv, _input_grad_by_col2im)
 
 
 def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,

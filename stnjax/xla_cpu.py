@@ -1,9 +1,9 @@
 """The XLA:CPU settings stnjax's scripts use, and the one place that reads them.
 
 jaxlib 0.10 hands every convolution to YNNPACK on CPU; on the CPUs measured
-(docs/performance.md names them), YNNPACK runs the paper models'
-convolutions (7x7, 86 channels) and their kernel gradients at about half the
-speed of XLA's own (Eigen) convolution. `FLAGS` takes convolutions out of
+(docs/performance.md names them), YNNPACK runs the paper models' 7x7,
+86-channel convolution at about a third of the speed of XLA's own (Eigen)
+convolution. `FLAGS` takes convolutions out of
 YNNPACK's share and leaves it the dot products. When a process trains data
 parallel over several CPU devices (one per core, as scripts/run.sh does),
 `DATA_PARALLEL_FLAGS` also keeps each device's matrix products and
@@ -15,8 +15,8 @@ or sets `XLA_FLAGS` themselves.
 
 `layers.conv_general_dilated` picks its CPU form from `convolution_form()`:
 with `FLAGS` in effect XLA's convolution computes the forward pass and the
-kernel gradient, otherwise row matrix products do; the input gradient is row
-matrix products either way (XLA's transposed convolution is slower still).
+kernel gradient, otherwise row matrix products do; the input gradient is a
+width convolution and shifted row sums either way.
 """
 
 import os
@@ -82,5 +82,5 @@ def in_effect() -> bool:
 
 def convolution_form() -> str:
   """The CPU form `layers.conv_general_dilated` uses for a multi-channel input by default."""
-  return "xla_row_dx" if in_effect() else "row_matmuls"
+  return "xla" if in_effect() else "row_matmuls"
 

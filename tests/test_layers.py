@@ -1,6 +1,7 @@
 """stnjax.layers: the conv and max-pool drop-ins equal their Flax/lax originals."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -27,8 +28,8 @@ def ours_conv(x, w, padding, strides=(1, 1), cpu_form="row_matmuls"):
 
 # (input H, W, C), kernel (kh, kw, O): a single input channel with few outputs
 # (the fused multiply-add forward) and with many (XLA's forward), a few
-# channels, and wide patches (5 * 5 * 12 = 300: the "xla" form leaves them
-# to lax entirely); multi-channel inputs take the row-matmul form on CPU.
+# channels, wide patches (5 * 5 * 12 = 300) and a 7x7 kernel; multi-channel
+# inputs take the form under test on CPU.
 CONV_CASES = [((9, 10, 1), (5, 5, 3)), ((9, 10, 1), (3, 3, 40)), ((7, 8, 4), (3, 3, 2)),
               ((6, 6, 12), (5, 5, 2)), ((9, 9, 6), (7, 7, 5))]
 PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3))]
@@ -118,26 +119,40 @@ def test_conv_form_is_checked():
     ours_conv(x, w, "SAME", cpu_form="gemm")
 
 
+def conv_kernel_shapes(grad, x, w, platform="cpu"):
+  """The kernel operand's shape of each convolution `grad` lowers to on `platform`."""
+  module = jax.export.export(jax.jit(grad), platforms=(platform,))(x, w).mlir_module()
+  return [match.group(1) for match in re.finditer(
+      r"stablehlo\.convolution.*: \(tensor<[^>]*>, tensor<([0-9x]*)xf32>\)", module)]
+
+
+# The width convolution of the input gradient of a 7x7, 20 -> 5 convolution:
+# a (1, 7) kernel with 5 inputs and 7 * 20 outputs.
+WIDTH_CONV_KERNEL = "1x7x5x140"
+
+
 def test_accelerators_keep_xla_convolution():
-  x = jax.ShapeDtypeStruct((2, 12, 12, 6), jnp.float32)
-  w = jax.ShapeDtypeStruct((7, 7, 6, 5), jnp.float32)
+  x = jax.ShapeDtypeStruct((2, 12, 12, 20), jnp.float32)
+  w = jax.ShapeDtypeStruct((7, 7, 20, 5), jnp.float32)
   grad = jax.grad(lambda x, w: jnp.sum(ours_conv(x, w, "VALID") ** 2), argnums=(0, 1))
   for platform in ("cuda", "tpu", "cpu"):
-    module = jax.export.export(jax.jit(grad), platforms=(platform,))(x, w).mlir_module()
-    convolutions = module.count("stablehlo.convolution")
-    assert (convolutions == 0) == (platform == "cpu"), (platform, convolutions)
+    kernels = conv_kernel_shapes(grad, x, w, platform)
+    assert (WIDTH_CONV_KERNEL in kernels) == (platform == "cpu"), (platform, kernels)
+    assert len(kernels) == (1 if platform == "cpu" else 3), (platform, kernels)
 
 
-@pytest.mark.parametrize("cpu_form,convolutions", [("row_matmuls", 0), ("xla_row_dx", 2), ("xla", 3)])
-def test_cpu_forms_lower_the_expected_convolutions(cpu_form, convolutions):
-  # "xla_row_dx": XLA's forward and kernel gradient, the input gradient as
-  # matrix products (no third, transposed convolution).
+@pytest.mark.parametrize("cpu_form,convolutions,width_convolutions",
+                         [("row_matmuls", 1, 1), ("xla", 3, 1), ("lax", 3, 0)])
+def test_cpu_forms_lower_the_expected_convolutions(cpu_form, convolutions, width_convolutions):
+  # "row_matmuls": forward and kernel gradient as matrix products; "xla": as
+  # XLA's convolutions; both with the width convolution for the input
+  # gradient in place of XLA's transposed convolution ("lax").
   x = jax.ShapeDtypeStruct((2, 12, 12, 20), jnp.float32)
   w = jax.ShapeDtypeStruct((7, 7, 20, 5), jnp.float32)
   grad = jax.grad(lambda x, w: jnp.sum(ours_conv(x, w, "VALID", cpu_form=cpu_form) ** 2),
                   argnums=(0, 1))
-  module = jax.export.export(jax.jit(grad), platforms=("cpu",))(x, w).mlir_module()
-  assert module.count("stablehlo.convolution") == convolutions
+  kernels = conv_kernel_shapes(grad, x, w)
+  assert len(kernels) == convolutions and kernels.count(WIDTH_CONV_KERNEL) == width_convolutions
 
 
 def test_default_cpu_form_follows_the_xla_flags(monkeypatch):
@@ -150,4 +165,4 @@ def test_default_cpu_form_follows_the_xla_flags(monkeypatch):
                     argnums=(0, 1))
     module = jax.export.export(jax.jit(grad), platforms=("cpu",))(x, w).mlir_module()
     counts[flags] = module.count("stablehlo.convolution")
-  assert list(counts.values()) == [0, 2]
+  assert list(counts.values()) == [1, 3]

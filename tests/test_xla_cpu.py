@@ -56,7 +56,7 @@ def unset():
 
 def test_configure_before_start_appends_the_flag_and_xla_accepts_it(unset):
   got = run_probe(xla_flags="--xla_cpu_enable_fast_math=false")
-  assert got["configured"] and got["in_effect"] and got["form"] == "xla_row_dx"
+  assert got["configured"] and got["in_effect"] and got["form"] == "xla"
   assert got["xla_flags"].split() == ["--xla_cpu_enable_fast_math=false", *xla_cpu.FLAGS]
   assert got["warnings"] == []
   # Same convolution, other CPU form and library: float32 round-off apart.
@@ -88,6 +88,6 @@ def test_configure_keeps_a_users_own_ynnpack_setting():
 
 def test_in_effect_reads_xla_flags(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", " ".join(("--xla_cpu_enable_fast_math=false",) + xla_cpu.FLAGS))
-  assert xla_cpu.in_effect() and xla_cpu.convolution_form() == "xla_row_dx"
+  assert xla_cpu.in_effect() and xla_cpu.convolution_form() == "xla"
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   assert not xla_cpu.in_effect() and xla_cpu.convolution_form() == "row_matmuls"

@@ -1,7 +1,7 @@
 """Ablations behind docs/performance.md: each design choice vs its alternative.
 
   python -m scripts.bench.bench_ablations [--rounds 3] [--repeats 20] [--rows SUBSTRING]
-      [--out results/bench/ablations.json]
+      [--xla_cpu_flags off|on] [--out results/bench/ablations.json]
 
 Each row times two jitted, synchronised functions in one process, first the
 current code and second the alternative, interleaved over --rounds rounds of
@@ -29,6 +29,11 @@ Rows (name: current vs alternative):
   with the output cotangent in a loop of its own vs fused into every tap.
 * conv input gradient / forward: `layers.conv_general_dilated` vs
   `lax.conv_general_dilated`, 5x5, 1 -> 10 channels, batch 64, 28x28.
+* paper-size convs (`cpu_form`): forward and both gradients of the paper
+  CNN's layers in the default form (`xla_cpu.convolution_form()`) vs each
+  other form; the 7x7 layer's forward vs `lax`'s (with `--xla_cpu_flags on`
+  both are XLA's convolution: comparing files run with `on` and `off`
+  gives YNNPACK's speed against Eigen's on that layer).
 * max pool: the STN tutorial's training step (`bench_train`) with
   `layers.max_pool` vs `flax.linen.max_pool`.
 
@@ -51,6 +56,7 @@ from scripts.bench import bench_train
 from scripts.bench import timing
 from stnjax import layers
 from stnjax import sampling
+from stnjax import xla_cpu
 from stnjax._cpu_kernels import CpuOptions
 
 DEFAULT = CpuOptions()
@@ -157,13 +163,22 @@ def rows():
 
     ours = both_grads(layers.conv_general_dilated)
     if k_shape[2] == 1:  # One input channel: the col2im VJP against XLA's convolution.
-      xla_form, what = both_grads(jax.lax.conv_general_dilated), "layers vs lax"
+      alternatives = [("layers vs lax", both_grads(jax.lax.conv_general_dilated))]
     else:
-      xla_form = both_grads(functools.partial(layers.conv_general_dilated, cpu_form="xla"))
-      what = "row matmuls vs cpu_form='xla'"
-    yield (f"conv {label} fwd + both grads: {what}", "cpu_form",
-           lambda ours=ours, px=px, pk=pk: ours(px, pk),
-           lambda xla_form=xla_form, px=px, pk=pk: xla_form(px, pk))
+      current = xla_cpu.convolution_form()
+      alternatives = [(f"{current} vs {form}",
+                       both_grads(functools.partial(layers.conv_general_dilated, cpu_form=form)))
+                      for form in layers.CPU_CONV_FORMS if form != current]
+    for what, alternative in alternatives:
+      yield (f"conv {label} fwd + both grads: {what}", "cpu_form",
+             lambda ours=ours, px=px, pk=pk: ours(px, pk),
+             lambda alternative=alternative, px=px, pk=pk: alternative(px, pk))
+    if k_shape[2] == 86:
+      ours_fwd, lax_fwd = (jax.jit(lambda x, k, conv=conv: conv(x, k, (1, 1), "VALID",
+                                                                 dimension_numbers=dims))
+                           for conv in (layers.conv_general_dilated, jax.lax.conv_general_dilated))
+      yield (f"conv {label} forward: layers vs lax", "cpu_form",
+             lambda px=px, pk=pk: ours_fwd(px, pk), lambda px=px, pk=pk: lax_fwd(px, pk))
   yield ("STN tutorial training step: layers.max_pool vs nn.max_pool", "layers.max_pool",
          bench_train.flax_tutorial_step(), bench_train.flax_tutorial_step(max_pool=nn.max_pool))
 
@@ -173,8 +188,12 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--rows", default="", help="run only rows whose name contains this")
+  parser.add_argument("--xla_cpu_flags", choices=("off", "on"), default="off",
+                      help="on: stnjax.xla_cpu.configure() first, as the training scripts do")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   args = parser.parse_args()
+  if args.xla_cpu_flags == "on":
+    xla_cpu.configure()  # Before the backend starts.
   table = []
   for name, option, ours, alternative in rows():
     if args.rows not in name:
@@ -188,13 +207,14 @@ def main():
                   "ratio": b / a, "current_rounds_ms": first, "alternative_rounds_ms": second})
     print(f"# {name}: {a:.2f} ms vs {b:.2f} ms", flush=True)
   print(f"\njax {jax.__version__}, {jax.devices()[0].platform}; {args.rounds} rounds of "
-        f"{args.repeats}\n")
+        f"{args.repeats}; stnjax.xla_cpu flags in effect: {xla_cpu.in_effect()}\n")
   print("| current vs alternative | option | current ms | alternative ms | ratio |")
   print("|---|---|---:|---:|---:|")
   for r in table:
     print(f"| {r['name']} | {r['option'] or ''} | {r['current_ms']:.2f} | "
           f"{r['alternative_ms']:.2f} | {r['ratio']:.2f} |")
-  timing.write_results(args.out, {"rounds": args.rounds, "repeats": args.repeats, "rows": table})
+  timing.write_results(args.out, {"rounds": args.rounds, "repeats": args.repeats,
+                                  "xla_cpu_flags": xla_cpu.in_effect(), "rows": table})
 
 
 if __name__ == "__main__":
