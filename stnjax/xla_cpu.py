@@ -1,9 +1,9 @@
 """The XLA:CPU settings stnjax's scripts use, and the one place that reads them.
 
 jaxlib 0.10 hands every convolution to YNNPACK on CPU; on the CPUs measured
-(docs/performance.md names them), YNNPACK runs the paper models' 7x7,
-86-channel convolution at about a third of the speed of XLA's own (Eigen)
-convolution. `FLAGS` takes convolutions out of
+(docs/performance.md names them and gives the measurement), YNNPACK runs
+the paper models' 7x7, 86-channel convolution well below the speed of XLA's
+own (Eigen) convolution. `FLAGS` takes convolutions out of
 YNNPACK's share and leaves it the dot products. When a process trains data
 parallel over several CPU devices (one per core, as scripts/run.sh does),
 `DATA_PARALLEL_FLAGS` also keeps each device's matrix products and
