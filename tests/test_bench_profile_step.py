@@ -25,8 +25,9 @@ def test_summarize_trace_sums_operations_and_waits_per_thread_and_step():
       _span(3, "step", 0, 9000), _span(4, "copy_fusion", 0, 500),
   ]
   threads = profile_step.summarize_trace(events, steps=2, top=2)
-  assert [t["thread"] for t in threads] == ["tf_XLAEigen/a (1)", "tf_XLAEigen/b (2)"]
-  a, b = threads
+  assert [t["thread"] for t in threads] == [
+      "tf_XLAEigen/a (1)", "tf_XLAEigen/b (2)", "tf_XLAPjRtCpuClient/c (4)"]
+  a, b, c = threads
   # Thread a: fusion.1 4 ms, psum 6 ms (its wait included) over 2 steps; wrappers skipped.
   assert a["ops_s"] == pytest.approx(0.005)
   assert a["all_reduce_wait_s"] == pytest.approx(0.0025)
@@ -35,6 +36,7 @@ def test_summarize_trace_sums_operations_and_waits_per_thread_and_step():
   assert b["ops_s"] == pytest.approx(0.004)
   assert b["all_reduce_wait_s"] == 0
   assert [op["op"] for op in b["top_ops"]] == ["concat_fusion", "fusion.1"]
+  assert c["ops_s"] == pytest.approx(0.00025)
 
 
 def test_load_trace_names_the_directory_without_a_trace(tmp_path):

@@ -29,7 +29,7 @@ import time
 from stnjax import xla_cpu
 
 # Wrappers around the operations (not operations themselves).
-_WRAPPERS = ("ThunkExecutor::", "Rendezvous")
+_WRAPPERS = ("ThunkExecutor::", "Rendezvous", "ThreadpoolListener::", "end: ")
 _WAIT_PREFIX = "Wait:"
 
 
@@ -38,8 +38,8 @@ def summarize_trace(events: list[dict], steps: int, top: int) -> list[dict]:
 
   `events` are Chrome-trace events (the perfetto trace JAX writes): "M"
   events name the threads, "X" events are timed spans (microseconds).
-  Threads are the ones whose spans include something other than wrappers
-  and Python frames; times are per step (totals divided by `steps`), in
+  Threads are the ones other than Python's whose spans include something
+  other than wrappers; times are per step (totals divided by `steps`), in
   seconds. `ops_s` is the sum of the thread's operation spans (a
   collective's includes its wait); XLA's own (Eigen) convolutions have no
   span in the trace, so in a convolutional network the step time minus
@@ -55,8 +55,8 @@ def summarize_trace(events: list[dict], steps: int, top: int) -> list[dict]:
     per_thread[key][e["name"]] += e["dur"] * 1e-6 / steps
   threads = []
   for (thread, tid), ops in sorted(per_thread.items(), key=lambda kv: str(kv[0])):
-    if thread == "python" or thread.startswith("tf_XLAPjRtCpuClient"):
-      continue  # Dispatch threads: Python frames and waits for completion.
+    if thread == "python":
+      continue  # Python frames and dispatch.
     wait = sum(v for k, v in ops.items() if k.startswith(_WAIT_PREFIX))
     op_times = {k: v for k, v in ops.items()
                 if not k.startswith(_WRAPPERS) and not k.startswith(_WAIT_PREFIX)}
