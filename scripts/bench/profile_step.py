@@ -8,12 +8,12 @@ data parallel over `--cpu_devices` CPU devices as `stnjax.train`, after
 `stnjax.xla_cpu.configure()`), times `--steps` steps, then records `--steps`
 more under `jax.profiler.trace(..., create_perfetto_trace=True)`. From the
 trace it sums, per thread and per step, each operation's time (fusions,
-convolutions, the all-reduce), and the time spent waiting at the
+the all-reduce, convolutions where they have spans), and the time spent waiting at the
 all-reduce's rendezvous ("Wait: ..." events): on several CPU devices, the
 device that reaches the all-reduce first waits there for the others, so a
 large wait on one thread is time the other thread spent on its last
-operations. Prints the step times, each thread's busy and waiting time and
-its largest operations; with --out writes them as JSON with provenance.
+operations. Prints the step times, each thread's operation and waiting
+time and its largest operations; with --out writes them as JSON with provenance.
 """
 
 import argparse
@@ -28,8 +28,9 @@ import time
 
 from stnjax import xla_cpu
 
-# Wrappers around the operations (not operations themselves).
-_WRAPPERS = ("ThunkExecutor::", "Rendezvous", "ThreadpoolListener::", "end: ")
+# Spans around the operations, not operations ("[0] CommonPjRt..." launches device 0).
+_WRAPPERS = ("ThunkExecutor::", "Rendezvous", "ThreadpoolListener::", "end: ",
+             "[", "CommonPjRt")
 _WAIT_PREFIX = "Wait:"
 
 
@@ -41,9 +42,9 @@ def summarize_trace(events: list[dict], steps: int, top: int) -> list[dict]:
   Threads are the ones other than Python's whose spans include something
   other than wrappers; times are per step (totals divided by `steps`), in
   seconds. `ops_s` is the sum of the thread's operation spans (a
-  collective's includes its wait); XLA's own (Eigen) convolutions have no
-  span in the trace, so in a convolutional network the step time minus
-  `ops_s` is mostly convolution.
+  collective's includes its wait). On the worker threads of a
+  multi-device run XLA's own (Eigen) convolutions have no span, so there
+  the step time minus `ops_s` is mostly convolution.
   """
   names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "thread_name"}
