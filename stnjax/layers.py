@@ -124,20 +124,23 @@ def _input_grad_by_width_conv(x, w, padding, cotangent):
   Output row `r` of kernel row `i` feeds input row `r + i`: one `(1, kw)`
   convolution of the cotangent, padded along the width only, computes every
   kernel row's contribution at once (`kh * C` output channels), and `kh`
-  shifted slices add them up. XLA's transposed convolution pads the
-  cotangent along both axes and computes over the zeros; row matrix products
-  write `kw` times the input gradient before summing.
+  shifted slices add them up. The width padding `(kw - 1 - left, kw - 1 -
+  right)` yields exactly the input's columns, so a padded ("SAME")
+  convolution's gradient computes none of the columns its padding adds.
+  XLA's transposed convolution pads the cotangent along both axes and
+  computes over the zeros; row matrix products write `kw` times the input
+  gradient before summing.
   """
   kh, kw, cin, cout = w.shape
+  (top, _), (left, right) = padding
   # k[0, j, o, (i, c)] = w[i, kw - 1 - j, c, o]: the width taps flipped.
   k = jnp.transpose(w[:, ::-1], (1, 3, 0, 2)).reshape(1, kw, cout, kh * cin)
-  z = _conv(cotangent, k, ((0, 0), (kw - 1, kw - 1)))
-  n, ho, wp, _ = z.shape
-  z = z.reshape(n, ho, wp, kh, cin)
+  z = _conv(cotangent, k, ((0, 0), (kw - 1 - left, kw - 1 - right)))
+  n, ho, width, _ = z.shape
+  z = z.reshape(n, ho, width, kh, cin)
   padded = sum(jnp.pad(z[:, :, :, i], ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0)))
                for i in range(kh))
-  (top, _), (left, _) = padding
-  return padded[:, top:top + x.shape[1], left:left + x.shape[2]]
+  return padded[:, top:top + x.shape[1]]
 
 
 # A single-channel input is convolved as multiply-adds up to this many output

@@ -32,7 +32,9 @@ def ours_conv(x, w, padding, strides=(1, 1), cpu_form="row_matmuls"):
 # inputs take the form under test on CPU.
 CONV_CASES = [((9, 10, 1), (5, 5, 3)), ((9, 10, 1), (3, 3, 40)), ((7, 8, 4), (3, 3, 2)),
               ((6, 6, 12), (5, 5, 2)), ((9, 9, 6), (7, 7, 5))]
-PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3))]
+# The last pads wider than a 3x3 or 5x5 kernel reaches (its input gradient's
+# width convolution then crops).
+PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3)), ((4, 0), (1, 5))]
 
 
 @pytest.mark.parametrize("cpu_form", layers.CPU_CONV_FORMS)
@@ -153,6 +155,18 @@ def test_cpu_forms_lower_the_expected_convolutions(cpu_form, convolutions, width
                   argnums=(0, 1))
   kernels = conv_kernel_shapes(grad, x, w)
   assert len(kernels) == convolutions and kernels.count(WIDTH_CONV_KERNEL) == width_convolutions
+
+
+def test_padded_conv_input_grad_computes_only_the_input_columns():
+  # A "SAME" 7x7 convolution of a 12x12 input: the width convolution yields
+  # 12 columns, not the 18 of a cotangent padded by 6 on both sides.
+  x = jax.ShapeDtypeStruct((2, 12, 12, 20), jnp.float32)
+  w = jax.ShapeDtypeStruct((7, 7, 20, 5), jnp.float32)
+  grad = jax.grad(lambda x, w: jnp.sum(ours_conv(x, w, "SAME", cpu_form="xla") ** 2),
+                  argnums=(0, 1))
+  module = jax.export.export(jax.jit(grad), platforms=("cpu",))(x, w).mlir_module()
+  outputs = re.findall(rf"tensor<{WIDTH_CONV_KERNEL}xf32>\) -> tensor<([0-9x]*)xf32>", module)
+  assert outputs == ["2x12x12x140"]
 
 
 def test_default_cpu_form_follows_the_xla_flags(monkeypatch):
