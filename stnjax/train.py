@@ -13,8 +13,9 @@
 * Data parallel over all devices with `jax.sharding`: a 1-D `Mesh` named
   "data"; batches are sharded along the example axis, parameters and
   optimizer state replicated. The step is a `jax.shard_map`: each device
-  takes the gradient of its part of the batch, and one all-reduce of one
-  flat vector averages them (`all_reduce_mean`). The same code runs on 1
+  takes the gradient of its part of the batch, and one all-reduce (the
+  large leaves and one flat vector of the rest) averages them
+  (`all_reduce_mean`). The same code runs on 1
   CPU, 1 GPU or N devices. With several CPU devices
   (`JAX_NUM_CPU_DEVICES=N`, or
   `XLA_FLAGS=--xla_force_host_platform_device_count=N`) the loop keeps one
@@ -123,17 +124,23 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def all_reduce_mean(tree, axis_name):
-  """The mean of every leaf of `tree` over `axis_name`, as one all-reduce.
+def all_reduce_mean(tree, axis_name, own_operand_size: int = 2**16):
+  """The mean of every leaf of `tree` over `axis_name`, in one all-reduce.
 
-  Use inside `jax.shard_map`. The leaves are concatenated into one flat
-  vector (promoted to a common dtype, cast back after), averaged with one
-  `lax.pmean` and split again. XLA:CPU reduces a many-operand all-reduce
-  (which is what jit's partitioner emits for a gradient tree) operand by
-  operand; one operand is faster (see `make_functions`).
+  Use inside `jax.shard_map`. Leaves of at least `own_operand_size`
+  elements are operands of their own; the rest are concatenated into one
+  flat vector (promoted to a common dtype, cast back after). XLA:CPU
+  reduces a many-operand all-reduce operand by operand, so many small
+  leaves are faster as one vector (see `make_functions`); a large leaf is
+  faster alone, as copying it into the vector can stall the device threads
+  (docs/performance.md, the data-parallel profile).
   """
-  flat, unflatten = jax.flatten_util.ravel_pytree(tree)
-  return unflatten(jax.lax.pmean(flat, axis_name))
+  leaves, treedef = jax.tree.flatten(tree)
+  own = [leaf.size >= own_operand_size for leaf in leaves]
+  flat, unflatten = jax.flatten_util.ravel_pytree([x for x, o in zip(leaves, own) if not o])
+  flat, large = jax.lax.pmean((flat, [x for x, o in zip(leaves, own) if o]), axis_name)
+  small, large = iter(unflatten(flat)), iter(large)
+  return jax.tree.unflatten(treedef, [next(large) if o else next(small) for o in own])
 
 
 def make_functions(model, optimizer, dataset, mesh, batch_size: int):
@@ -191,8 +198,9 @@ def make_functions(model, optimizer, dataset, mesh, batch_size: int):
 
     Every device holds the same state and an equal part of the batch; the
     per-device mean gradients and metrics are averaged over "data" in one
-    all-reduce of one flat vector, which equals the gradient of the mean
-    over the whole batch. One operand rather than one per parameter:
+    all-reduce, which equals the gradient of the mean over the whole batch.
+    Its operands are the large leaves and one flat vector of the rest, not
+    one per parameter:
     XLA:CPU's all-reduce runs one rendezvous of the device threads per
     operand (the STN tutorial's step on 2 CPU devices: 1.19x-1.27x torch's
     speed vs 0.94x-1.04x, see docs/performance.md, the training benchmark).

@@ -149,11 +149,14 @@ _SHARDED = textwrap.dedent("""
     from jax.sharding import PartitionSpec as P
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     x = np.arange(12.0, dtype=np.float32).reshape(4, 3) ** 2
-    f = jax.shard_map(lambda x: train.all_reduce_mean({{"a": x, "b": x[:, :1].astype("bfloat16")}}, "data"),
-                      mesh=mesh, in_specs=P("data"), out_specs=P())
-    out = f(x)
-    np.testing.assert_allclose(out["a"], x.mean(0, keepdims=True), rtol=1e-6)
-    assert out["b"].dtype == jax.numpy.bfloat16 and float(out["b"][0, 0]) == x[:, 0].mean()
+    # Sizes 3 and 1: one flat vector (default), "a" alone (3), both alone (1).
+    for own_operand_size in (2**16, 3, 1):
+      f = jax.shard_map(lambda x: train.all_reduce_mean(
+                            {{"a": x, "b": x[:, :1].astype("bfloat16")}}, "data", own_operand_size),
+                        mesh=mesh, in_specs=P("data"), out_specs=P())
+      out = f(x)
+      np.testing.assert_allclose(out["a"], x.mean(0, keepdims=True), rtol=1e-6)
+      assert out["b"].dtype == jax.numpy.bfloat16 and float(out["b"][0, 0]) == x[:, 0].mean()
 """)
 
 
