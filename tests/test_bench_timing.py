@@ -89,3 +89,10 @@ def test_write_results_records_provenance(tmp_path):
   assert written["rows"] == [{"name": "x", "ms": 1.0}]
   assert {"date", "commit", "command", "cpu_model", "jax"} <= set(written["provenance"])
   timing.write_results(None, {})  # No path: nothing written, no error.
+
+
+def test_default_cpu_devices_follows_the_environment_then_the_cpus(monkeypatch):
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "3")
+  assert timing.default_cpu_devices() == 3
+  monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
+  assert timing.default_cpu_devices() == len(os.sched_getaffinity(0))

@@ -379,8 +379,7 @@ def parse_args(argv=None):
   # A set JAX_NUM_CPU_DEVICES wins (it is how the training is run); 0 leaves
   # JAX's device count alone (needed once JAX has started, e.g. in tests).
   parser.add_argument("--cpu_devices", "--cpu-devices", type=int,
-                      default=int(os.environ.get("JAX_NUM_CPU_DEVICES") or
-                                  len(os.sched_getaffinity(0))),
+                      default=timing.default_cpu_devices(),
                       help="CPU devices for the data-parallel column (0: JAX's default)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--xla_cpu_flags", choices=("on", "off"), default="on",

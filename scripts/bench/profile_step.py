@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 
+from scripts.bench import timing
 from stnjax import xla_cpu
 
 # Spans around the operations, not operations ("[0] CommonPjRt..." launches device 0).
@@ -89,8 +90,7 @@ def parse_args(argv=None):
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--top", type=int, default=12, help="operations listed per thread")
   parser.add_argument("--cpu_devices", type=int,
-                      default=int(os.environ.get("JAX_NUM_CPU_DEVICES") or
-                                  len(os.sched_getaffinity(0))),
+                      default=timing.default_cpu_devices(),
                       help="CPU devices (default: JAX_NUM_CPU_DEVICES, else one per core)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
@@ -105,7 +105,6 @@ def main(argv=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from scripts.bench import bench_paper_models  # pylint: disable=g-import-not-at-top
-  from scripts.bench import timing  # pylint: disable=g-import-not-at-top
 
   n_dev = jax.device_count()
   if args.batch % n_dev:

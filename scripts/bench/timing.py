@@ -89,6 +89,12 @@ def pin_xla_worker_threads() -> dict[int, int]:
   return pinned
 
 
+def default_cpu_devices() -> int:
+  """The CPU devices a training benchmark uses: `JAX_NUM_CPU_DEVICES` if set (as the
+  training is run), else one per CPU this process may use."""
+  return int(os.environ.get("JAX_NUM_CPU_DEVICES") or len(os.sched_getaffinity(0)))
+
+
 def cpu_model() -> str:
   """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
   try:
