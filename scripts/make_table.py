@@ -11,8 +11,8 @@ P / E), translated + cluttered (TC) and MNIST addition. Each cell is the
 paper's test error beside the measured one, "mean +- std (n seeds)" (sample
 std over seeds), or "not run" where no record exists, so the table shows its
 own coverage. Under each table: the protocol (preset, iterations, batch,
-optimizer, schedule), the data source, the device(s), the jax version(s) and
-the git commit(s) of the records.
+optimizer, schedule), the data source, the device(s) and the jax version(s)
+of the records (each record's JSON keeps its git commit).
 
 `--metric final` (default) reports the final test error; `--metric best_val`
 the test error at each seed's lowest-validation-error step (selected on
@@ -94,7 +94,7 @@ def _paper(value):
   return "-" if value is None else f"{value}"
 
 
-def _summary(records, with_commits=True):
+def _summary(records):
   """One line describing a set of records (the protocol as actually run)."""
   def values(key, fmt=str):
     return ", ".join(sorted({fmt(r[key]) for r in records if r.get(key) is not None})) or "?"
@@ -107,13 +107,10 @@ def _summary(records, with_commits=True):
   data = values("data_source")
   if sources != {"mnist"}:
     data += " (not MNIST: a smoke test, not comparable to the paper)"
-  text = (f"preset `{values('preset')}`; iterations {values('iterations')}; batch "
+  return (f"preset `{values('preset')}`; iterations {values('iterations')}; batch "
           f"{values('batch_size')}; {sched_text}; data {data}; device {values('device')} "
           f"(CPU: {values('cpu_model')}); "
           f"jax {values('jax_version')}")
-  if with_commits:
-    text += f"; commit {values('git_commit', lambda c: c[:12] + ('-dirty' if c.endswith('-dirty') else ''))}"
-  return text
 
 
 def experiment_table(title, variants, protocol, cells, paper):
@@ -172,7 +169,7 @@ def readme_block(records, metric, plot_link=None):
   cells, paper, lines = group(records, metric), paper_errors(), []
   for protocol in _protocol_order(cells):
     recs = [r for r in records if r["protocol"] == protocol]
-    lines += [f"Protocol `{protocol}`: {_summary(recs, with_commits=False)}. % test error "
+    lines += [f"Protocol `{protocol}`: {_summary(recs)}. % test error "
               f"({'final' if metric == 'final' else 'at the lowest validation error'}), "
               "mean +- std over seeds.", ""]
     for title, variants in EXPERIMENTS:

@@ -94,6 +94,7 @@ def test_reproduce_records_skip_resume_and_table(tmp_path):
   assert "| 1.2 |" in cnn_row and "(1 seed)" in cnn_row  # Seed 1's record was removed above.
   assert "## Protocol `smoke`" in text and "synthetic" in text and "2 of 32 cells run" in text
   assert "Not run under `smoke` (0 of 4 cells)" in text  # TC.
+  assert "commit" not in text
 
   # --readme rewrites only the generated block of a README, with the same cells.
   readme = tmp_path / "README.md"
@@ -103,7 +104,7 @@ def test_reproduce_records_skip_resume_and_table(tmp_path):
   new = readme.read_text()
   assert new.startswith("# Title\n") and new.endswith(f"{make_table.README_END}\n\n## After\n")
   assert "old" not in new and row in new and "Protocol `smoke`" in new
-  assert "commit" not in new  # The README names no commits; docs/results.md does.
+  assert "commit" not in new  # Commits live in the records, not in the tables.
 
 
 def test_eval_every_must_be_positive(capsys):
