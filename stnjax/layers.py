@@ -99,7 +99,7 @@ def _conv_multichannel(x, w, padding, cpu_form):
   if cpu_form == "lax":
     return _conv(x, w, padding)
   forward = _conv_as_row_matmuls if cpu_form == "row_matmuls" else _conv
-  cpu = lambda x, w: _conv2d(x, w, padding, forward, _input_grad_by_width_conv)
+  cpu = lambda x, w: _conv2d(x, w, padding, forward, _input_grad_multichannel)
   return lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: _conv(x, w, padding))
 
 
@@ -143,6 +143,38 @@ def _input_grad_by_width_conv(x, w, padding, cotangent):
   return padded[:, top:top + x.shape[1]]
 
 
+def _input_grad_by_position_sums(x, w, padding, cotangent):
+  """The input gradient as one matrix product and one shifted block per output position.
+
+  `cotangent (N, Ho, Wo, O) @ (O, kh * kw * C)` gives each output position's
+  `(kh, kw, C)` block of input gradient; the `Ho * Wo` blocks, each padded
+  to its place, add up. The products are exactly the needed ones, and the
+  sum has few terms when the output is small.
+  """
+  kh, kw, cin, cout = w.shape
+  n, ho, wo, _ = cotangent.shape
+  blocks = jnp.dot(cotangent, jnp.transpose(w, (3, 0, 1, 2)).reshape(cout, kh * kw * cin))
+  blocks = blocks.reshape(n, ho, wo, kh, kw, cin)
+  padded = sum(jnp.pad(blocks[:, r, s], ((0, 0), (r, ho - 1 - r), (s, wo - 1 - s), (0, 0)))
+               for r in range(ho) for s in range(wo))
+  (top, _), (left, _) = padding
+  return padded[:, top:top + x.shape[1], left:left + x.shape[2]]
+
+
+def _input_grad_multichannel(x, w, padding, cotangent):
+  """A multi-channel input's gradient: by position sums for an output narrower than
+  `kw - 1`, else by the width convolution.
+
+  The width convolution computes `(Wo + kw - 1) / Wo` times the needed
+  products (its edge columns see padding), over twice as many below that
+  width; the position sums compute none in vain but write `kh * kw` values
+  per output position (`python -m scripts.bench.bench_ablations --rows conv`).
+  """
+  if cotangent.shape[2] < w.shape[1] - 1:
+    return _input_grad_by_position_sums(x, w, padding, cotangent)
+  return _input_grad_by_width_conv(x, w, padding, cotangent)
+
+
 # A single-channel input is convolved as multiply-adds up to this many output
 # channels; wider first layers (9x9, 1 -> 86 in the paper's CNN) are faster
 # as XLA's convolution (`python -m scripts.bench.bench_ablations --rows conv`).
@@ -154,7 +186,7 @@ def _conv2d(x, w, padding, forward, input_grad):
   """`forward(x, w, padding)` and its kernel gradient; the input gradient by `input_grad`.
 
   `forward` is XLA's convolution or `_conv_as_row_matmuls`; `input_grad` is
-  `_input_grad_by_col2im` or `_input_grad_by_width_conv`, where XLA:CPU
+  `_input_grad_by_col2im` or `_input_grad_multichannel`, where XLA:CPU
   would lower a slow transposed convolution. A single-channel input with few
   output channels is convolved as multiply-adds instead.
   """

@@ -34,6 +34,8 @@ Rows (name: current vs alternative):
   other form; the 7x7 layer's forward vs `lax`'s (with `--xla_cpu_flags on`
   both are XLA's convolution: comparing files run with `on` and `off`
   gives YNNPACK's speed against Eigen's on that layer).
+* conv input gradient form (`layers._input_grad_multichannel`): position
+  sums vs the width convolution for a 4x4 output, and the reverse for 11x11.
 * max pool: the STN tutorial's training step (`bench_train`) with
   `layers.max_pool` vs `flax.linen.max_pool`.
 
@@ -179,6 +181,25 @@ def rows():
                            for conv in (layers.conv_general_dilated, jax.lax.conv_general_dilated))
       yield (f"conv {label} forward: layers vs lax", "cpu_form",
              lambda px=px, pk=pk: ours_fwd(px, pk), lambda px=px, pk=pk: lax_fwd(px, pk))
+  # The multi-channel input gradient alone, as `layers` picks it, against the
+  # other form: the R CNN's second layer (4x4 output, position sums) and the
+  # RTS CNN's (11x11 output, width convolution), unpadded, batch 128.
+  forms = {"position sums": layers._input_grad_by_position_sums,  # pylint: disable=protected-access
+           "width conv": layers._input_grad_by_width_conv}  # pylint: disable=protected-access
+  for label, x_shape, k_shape, current in (
+      ("7x7 89->89 128x10x10", (128, 10, 10, 89), (7, 7, 89, 89), "position sums"),
+      ("7x7 86->86 128x17x17", (128, 17, 17, 86), (7, 7, 86, 86), "width conv")):
+    px = jax.random.normal(jax.random.key(5), x_shape)
+    pk = jax.random.normal(jax.random.key(6), k_shape) * 0.1
+    size = x_shape[1] - k_shape[0] + 1
+    pg = jax.random.normal(jax.random.key(7), (x_shape[0], size, size, k_shape[3]))
+    ours = jax.jit(lambda x, k, g: layers._input_grad_multichannel(  # pylint: disable=protected-access
+        x, k, ((0, 0), (0, 0)), g))
+    other = next(name for name in forms if name != current)
+    alternative = jax.jit(lambda x, k, g, f=forms[other]: f(x, k, ((0, 0), (0, 0)), g))
+    yield (f"conv {label} input grad: {current} vs {other}", "layers._input_grad_multichannel",
+           lambda ours=ours, px=px, pk=pk, pg=pg: ours(px, pk, pg),
+           lambda alternative=alternative, px=px, pk=pk, pg=pg: alternative(px, pk, pg))
   yield ("STN tutorial training step: layers.max_pool vs nn.max_pool", "layers.max_pool",
          bench_train.flax_tutorial_step(), bench_train.flax_tutorial_step(max_pool=nn.max_pool))
 
