@@ -6,7 +6,8 @@
   conv_general_dilated)`: same parameters, same values up to float
   round-off. On CPU a hand-written VJP replaces XLA's transposed
   convolution, the slow part: a multi-channel input's gradient is one
-  convolution along the width and shifted row sums, a single-channel
+  convolution along the width and shifted row sums (for an output narrower
+  than `kw - 1`, one matrix product and shifted blocks), a single-channel
   input's (a network's first layer) a matrix product with the kernel and a
   sum of shifted copies ("col2im"). With `xla_cpu.FLAGS` in effect
   (YNNPACK off convolutions) XLA's own convolution computes the forward pass
