@@ -18,17 +18,20 @@
   multiply-adds in a loop of their own (`_cpu_kernels.own_loop_on_cpu`).
   Re-run: `python -m scripts.bench.bench_ablations --rows conv`.
 * `max_pool`: `flax.linen.max_pool` for non-overlapping windows (window ==
-  stride) as a reshape and a max. JAX differentiates `lax.reduce_window`
-  max through a variadic reduce-window over index arrays; the reshape form
-  differentiates elementwise, which makes the STN tutorial's training step
-  faster (`python -m scripts.bench.bench_ablations --rows max_pool`). Ties
-  within a window share the gradient equally (the window's maximum is
-  still the value).
+  stride) as a reshape and elementwise maxima of each window's elements
+  (`_window_max`). JAX differentiates `lax.reduce_window` max through a
+  variadic reduce-window over index arrays; the elementwise form
+  differentiates elementwise and fuses with the layers around it, which
+  makes the STN tutorial's and the paper CNNs' training steps faster
+  (`python -m scripts.bench.bench_ablations --rows max_pool`). Ties within
+  a window share the gradient equally (the window's maximum is still the
+  value).
 
 `python -m scripts.bench.bench_train` measures the effect on a whole training step.
 """
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -260,7 +263,7 @@ def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
 
   Same arguments and values as `flax.linen.max_pool` (strides default to 1).
   With `strides == window_shape` the windows tile the padded input, which is
-  reshaped to `(N, out_1, w_1, ..., C)` and reduced with `max`; padding
+  reshaped to `(N, out_1, w_1, ..., C)` and reduced with `max` (`_window_max`); padding
   follows `lax.reduce_window` (-inf; "SAME" puts the odd pixel at the end).
   Overlapping windows call `flax.linen.max_pool`.
   """
@@ -280,4 +283,42 @@ def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
   for o, w in zip(out, window_shape):
     shape += [o, w]
   x = x.reshape(shape + [x.shape[-1]])
-  return jnp.max(x, axis=tuple(range(2, 2 * len(window_shape) + 1, 2)))
+  return _window_max(x)
+
+
+def _window_taps(x):
+  """The elements of each window of `x (N, o_1, w_1, ..., o_d, w_d, C)`: `w_1 * ... * w_d`
+  arrays `(N, o_1, ..., o_d, C)`, offsets in row-major order."""
+  windows = x.shape[2:-1:2]
+  taps = []
+  for offsets in itertools.product(*(range(w) for w in windows)):
+    taps.append(x[(slice(None),) + tuple(i for o in offsets for i in (slice(None), o))])
+  return taps
+
+
+@jax.custom_jvp
+def _window_max(x):
+  """The max over the window axes of `x (N, o_1, w_1, ..., o_d, w_d, C)`.
+
+  Written as elementwise maxima of the window's elements, with the JVP
+  below: `jnp.max` over the window axes differentiates through a reduction
+  (the count of tied maxima) that XLA:CPU hands to YNNPACK, which then
+  materialises every input of that fusion; elementwise, the pool's forward
+  and backward fuse with the layers around them. The forward runs in a loop
+  of its own on CPU (`own_loop_on_cpu`): fused into its consumers (the
+  next convolution's kernel gradient transposes it), the maxima would be
+  recomputed there.
+  """
+  return _cpu_kernels.own_loop_on_cpu(functools.reduce(jnp.maximum, _window_taps(x)))
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals, tangents):
+  """Each window's maxima share its tangent equally (as `jnp.max`'s JVP); linear, so
+  reverse mode transposes it."""
+  (x,), (x_dot,) = primals, tangents
+  y = _window_max(x)
+  hits = [tap == y for tap in _window_taps(x)]
+  count = sum(hit.astype(y.dtype) for hit in hits)
+  y_dot = sum(jnp.where(hit, tap_dot, 0) for hit, tap_dot in zip(hits, _window_taps(x_dot)))
+  return y, y_dot / count

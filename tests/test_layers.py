@@ -113,6 +113,24 @@ def test_max_pool_ties_share_the_gradient():
   x = jnp.ones((1, 2, 2, 1))
   grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, (2, 2), (2, 2))))(x)
   np.testing.assert_allclose(grad, 0.25)
+  # Three tied maxima: a third each (nested pairwise maxima would give 1/4, 1/4, 1/2).
+  x = jnp.array([2.0, 2.0, 2.0, 1.0]).reshape(1, 2, 2, 1)
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, (2, 2), (2, 2))))(x)
+  np.testing.assert_allclose(grad.ravel(), [1 / 3, 1 / 3, 1 / 3, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window", [((2, 9, 3), (3,)), ((2, 4, 6, 4, 3), (2, 3, 2))])
+def test_max_pool_1d_and_3d_match_flax_forward_and_reverse_mode(x64, rng, shape, window):
+  x = jnp.asarray(rng.normal(size=shape))
+  pool = lambda pool_fn: lambda x: pool_fn(x, window, window, "SAME")
+  out, vjp = jax.vjp(pool(layers.max_pool), x)
+  ref, ref_vjp = jax.vjp(pool(nn.max_pool), x)
+  np.testing.assert_array_equal(out, ref)
+  cotangent = jnp.asarray(rng.normal(size=out.shape))
+  np.testing.assert_allclose(vjp(cotangent)[0], ref_vjp(cotangent)[0], rtol=1e-12)
+  tangent = jnp.asarray(rng.normal(size=shape))
+  np.testing.assert_allclose(jax.jvp(pool(layers.max_pool), (x,), (tangent,))[1],
+                             jax.jvp(pool(nn.max_pool), (x,), (tangent,))[1], rtol=1e-12)
 
 
 def test_conv_form_is_checked():
