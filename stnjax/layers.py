@@ -263,9 +263,9 @@ def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
 
   Same arguments and values as `flax.linen.max_pool` (strides default to 1).
   With `strides == window_shape` the windows tile the padded input, which is
-  reshaped to `(N, out_1, w_1, ..., C)` and reduced with `max` (`_window_max`); padding
-  follows `lax.reduce_window` (-inf; "SAME" puts the odd pixel at the end).
-  Overlapping windows call `flax.linen.max_pool`.
+  reshaped to `(N, out_1, w_1, ..., C)` and reduced by `_window_max`;
+  padding follows `lax.reduce_window` (-inf; "SAME" puts the odd pixel at
+  the end). Overlapping windows call `flax.linen.max_pool`.
   """
   window_shape = tuple(int(w) for w in window_shape)
   strides = (1,) * len(window_shape) if strides is None else tuple(int(s) for s in strides)

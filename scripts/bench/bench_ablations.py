@@ -184,8 +184,12 @@ def rows():
   # The multi-channel input gradient alone, as `layers` picks it, against the
   # other form: the R CNN's second layer (4x4 output, position sums) and the
   # RTS CNN's (11x11 output, width convolution), unpadded, batch 128.
-  forms = {"position sums": layers._input_grad_by_position_sums,  # pylint: disable=protected-access
-           "width conv": layers._input_grad_by_width_conv}  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  picked = layers._input_grad_multichannel
+  forms = {"position sums": layers._input_grad_by_position_sums,
+           "width conv": layers._input_grad_by_width_conv}
+  # pylint: enable=protected-access
+  unpadded = ((0, 0), (0, 0))
   for label, x_shape, k_shape, current in (
       ("7x7 89->89 128x10x10", (128, 10, 10, 89), (7, 7, 89, 89), "position sums"),
       ("7x7 86->86 128x17x17", (128, 17, 17, 86), (7, 7, 86, 86), "width conv")):
@@ -193,10 +197,9 @@ def rows():
     pk = jax.random.normal(jax.random.key(6), k_shape) * 0.1
     size = x_shape[1] - k_shape[0] + 1
     pg = jax.random.normal(jax.random.key(7), (x_shape[0], size, size, k_shape[3]))
-    ours = jax.jit(lambda x, k, g: layers._input_grad_multichannel(  # pylint: disable=protected-access
-        x, k, ((0, 0), (0, 0)), g))
+    ours = jax.jit(lambda x, k, g: picked(x, k, unpadded, g))
     other = next(name for name in forms if name != current)
-    alternative = jax.jit(lambda x, k, g, f=forms[other]: f(x, k, ((0, 0), (0, 0)), g))
+    alternative = jax.jit(lambda x, k, g, f=forms[other]: f(x, k, unpadded, g))
     yield (f"conv {label} input grad: {current} vs {other}", "layers._input_grad_multichannel",
            lambda ours=ours, px=px, pk=pk, pg=pg: ours(px, pk, pg),
            lambda alternative=alternative, px=px, pk=pk, pg=pg: alternative(px, pk, pg))
