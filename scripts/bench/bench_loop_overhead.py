@@ -1,0 +1,97 @@
+"""Benchmark: the cost of one elementwise loop per call, XLA:CPU (a jitted `x * 2`) vs torch.
+
+Times `y = x * 2` on float32 vectors from 128 KiB to 16 MiB: a jitted JAX
+function (dispatch, XLA's loop, `block_until_ready`) against `torch.mul` in
+the same process. The arithmetic is trivial, so the times are the runtimes'
+fixed costs plus memory traffic. XLA:CPU splits a large enough loop into
+parallel partitions (`outer_dimension_partitions` in the compiled HLO,
+reported per row); each call then wakes a worker thread, and on a machine
+where waking an idle core is slow (a virtual machine's halted vCPU) that
+costs tens of microseconds, while torch's OpenMP threads spin between calls.
+This bounds any kernel built from a few such loops, such as `grid_sample`
+on a small batch (docs/performance.md, "The sampler benchmark against its
+targets").
+
+Rounds are interleaved (the two libraries alternate which goes first); the
+reported time is the median of the round medians, and the ratio is torch
+/ JAX (> 1: JAX is faster). With --out, writes the rows and the provenance
+as JSON. A one-core run: `OMP_NUM_THREADS=1 taskset -c 0 python -m
+scripts.bench.bench_loop_overhead`.
+
+  python -m scripts.bench.bench_loop_overhead [--rounds 6] [--repeats 50] [--out FILE]
+"""
+
+import argparse
+import os
+import statistics
+
+import jax
+import numpy as np
+
+from scripts.bench import timing
+
+SIZES_KIB = (128, 256, 512, 1024, 4096, 16384)
+
+
+def partitions(compiled_text: str) -> int:
+  """The largest `outer_dimension_partitions` product in a compiled module's HLO (1: none)."""
+  largest = 1
+  marker = '"outer_dimension_partitions":['
+  for chunk in compiled_text.split(marker)[1:]:
+    counts = [int(c.strip('"')) for c in chunk.split("]", 1)[0].split(",") if c.strip('"')]
+    product = 1
+    for c in counts:
+      product *= c
+    largest = max(largest, product)
+  return largest
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rounds", type=int, default=6)
+  parser.add_argument("--repeats", type=int, default=50, help="timed calls per round")
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
+  args = parser.parse_args(argv)
+
+  import torch  # pylint: disable=g-import-not-at-top
+
+  double = jax.jit(lambda x: x * 2)
+  rows = []
+  load_before = os.getloadavg()[0]
+  for kib in SIZES_KIB:
+    n = kib * 1024 // 4
+    x = jax.device_put(np.random.default_rng(0).random(n, np.float32))
+    t = torch.from_numpy(np.asarray(x).copy())
+    runners = {"jax": lambda _: jax.block_until_ready(double(x)),
+               "torch": lambda _: torch.mul(t, 2)}
+    rounds = {name: [] for name in runners}
+    for r in range(args.rounds):
+      for name in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+        rounds[name].append(1e6 * timing.median_seconds(
+            runners[name], warmup=args.warmup, repeats=args.repeats))
+    us = {name: statistics.median(v) for name, v in rounds.items()}
+    rows.append({"kib": kib, "jax_us": us["jax"], "torch_us": us["torch"],
+                 "ratio_torch_over_jax": us["torch"] / us["jax"],
+                 "xla_partitions": partitions(double.lower(x).compile().as_text()),
+                 "round_medians_us": rounds})
+    print(f"# {kib} KiB: jax {us['jax']:.1f} us ({rows[-1]['xla_partitions']} partitions), "
+          f"torch {us['torch']:.1f} us", flush=True)
+
+  torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+  load = f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+  print(f"\n{timing.cpu_model()}, {len(os.sched_getaffinity(0))} CPUs; jax {jax.__version__}; "
+        f"{torch_info}; {load}\n")
+  print("| float32 vector | XLA partitions | jax us | torch us | torch / jax |")
+  print("|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['kib']} KiB | {r['xla_partitions']} | {r['jax_us']:.1f} | "
+          f"{r['torch_us']:.1f} | {r['ratio_torch_over_jax']:.2f} |")
+  timing.write_results(args.out, {"torch": torch_info, "load": load, "rounds": args.rounds,
+                                  "repeats": args.repeats, "rows": rows})
+  return rows
+
+
+if __name__ == "__main__":
+  timing.restart_with_glibc_tunables()
+  main()
