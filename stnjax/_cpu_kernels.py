@@ -54,17 +54,17 @@ class CpuOptions(NamedTuple):
   # (points x channels), so that the scatter buffers stay small.
   chunk_elements: int = 2**18
   # Single-channel 2-D VJPs run in one piece while their temporaries,
-  # about `ONE_PIECE_WORDS_PER_POINT` words per point, fit in this many
+  # about `one_piece_words_per_point` words per point, fit in this many
   # bytes (the common STN-on-its-input case stays whole up to 42x42 at
   # batch 256), and above it in chunks of this many elements.
   one_piece_bytes: int = 28 * 2**20
   single_channel_chunk_elements: int = 2**17
+  # XLA's temporary allocation for a single-channel image + grid VJP in one
+  # piece, in words per point (`compiled.memory_analysis()`: 13 to 16).
+  one_piece_words_per_point: int = 16
 
 
 DEFAULT_OPTIONS = CpuOptions()
-# XLA's temporary allocation for a single-channel image + grid VJP in one
-# piece, in words per point (`compiled.memory_analysis()`: 13 to 16).
-ONE_PIECE_WORDS_PER_POINT = 16
 
 
 def own_loop_on_cpu(x: jax.Array) -> jax.Array:
@@ -220,8 +220,8 @@ def vjp_chunks(cotangent, spec: interp.Spec, options: CpuOptions = DEFAULT_OPTIO
   n, elements_per_example = cotangent.shape[0], math.prod(cotangent.shape[1:])
   if cotangent.ndim > 2 or len(spec.spatial) != 2:
     return num_chunks(n, elements_per_example, options.chunk_elements)
-  one_piece_bytes = cotangent.size * ONE_PIECE_WORDS_PER_POINT * cotangent.dtype.itemsize
-  if one_piece_bytes <= options.one_piece_bytes:
+  words = cotangent.size * options.one_piece_words_per_point
+  if words * cotangent.dtype.itemsize <= options.one_piece_bytes:
     return 1
   return num_chunks(n, elements_per_example, options.single_channel_chunk_elements)
 

@@ -103,7 +103,7 @@ def _conv_multichannel(x, w, padding, cpu_form):
   if cpu_form == "lax":
     return _conv(x, w, padding)
   forward = _conv_as_row_matmuls if cpu_form == "row_matmuls" else _conv
-  cpu = lambda x, w: _conv2d(x, w, padding, forward, _input_grad_multichannel)
+  cpu = lambda x, w: _conv2d(x, w, padding, forward, _input_grad_multichannel, False)
   return lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: _conv(x, w, padding))
 
 
@@ -179,22 +179,17 @@ def _input_grad_multichannel(x, w, padding, cotangent):
   return _input_grad_by_width_conv(x, w, padding, cotangent)
 
 
-# A single-channel input is convolved as multiply-adds up to this many output
-# channels; wider first layers (9x9, 1 -> 86 in the paper's CNN) are faster
-# as XLA's convolution (`python -m scripts.bench.bench_ablations --rows conv`).
-_MAX_MULTIPLY_ADD_CHANNELS = 32
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv2d(x, w, padding, forward, input_grad):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv2d(x, w, padding, forward, input_grad, multiply_adds):
   """`forward(x, w, padding)` and its kernel gradient; the input gradient by `input_grad`.
 
   `forward` is XLA's convolution or `_conv_as_row_matmuls`; `input_grad` is
   `_input_grad_by_col2im` or `_input_grad_multichannel`, where XLA:CPU
-  would lower a slow transposed convolution. A single-channel input with few
-  output channels is convolved as multiply-adds instead.
+  would lower a slow transposed convolution. With `multiply_adds` (a
+  single-channel input with few output channels) the value is computed as
+  multiply-adds instead, the kernel gradient still through `forward`.
   """
-  if x.shape[-1] == 1 and w.shape[-1] <= _MAX_MULTIPLY_ADD_CHANNELS:
+  if multiply_adds:
     # XLA:CPU fuses these multiply-adds into each consumer (the max pool after
     # a network's first layer), where they run several times slower than
     # alone: computed in a loop of their own instead.
@@ -202,11 +197,12 @@ def _conv2d(x, w, padding, forward, input_grad):
   return forward(x, w, padding)
 
 
-def _conv2d_fwd(x, w, padding, forward, input_grad):
-  return _conv2d(x, w, padding, forward, input_grad), (x, w)
+def _conv2d_fwd(x, w, padding, forward, input_grad, multiply_adds):
+  return _conv2d(x, w, padding, forward, input_grad, multiply_adds), (x, w)
 
 
-def _conv2d_bwd(padding, forward, input_grad, residuals, cotangent):
+def _conv2d_bwd(padding, forward, input_grad, multiply_adds, residuals, cotangent):
+  del multiply_adds  # The gradients are the same either way.
   x, w = residuals
   x_bar = input_grad(x, w, padding, cotangent)
   w_bar = jax.vjp(lambda w: forward(x, w, padding), w)[1](cotangent)[0]
@@ -222,7 +218,7 @@ CPU_CONV_FORMS = ("row_matmuls", "xla", "lax")
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
-                         cpu_form: str | None = None):
+                         cpu_form: str | None = None, max_multiply_add_channels: int = 32):
   """`lax.conv_general_dilated`, faster on CPU for plain channels-last 2-D convolutions.
 
   Same signature and values. Plain means: `(N, H, W, C)` input, `(kh, kw,
@@ -233,8 +229,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   (width-only patches) or "xla" (XLA's convolution), both with the
   width-convolution input gradient, or "lax" (`lax.conv_general_dilated`
   as is, for ablations); None takes `xla_cpu.convolution_form()`, which
-  follows the process's XLA flags. Every path is written with
-  differentiable ops, so higher-order reverse-mode derivatives work.
+  follows the process's XLA flags. On CPU a single-channel input with at
+  most `max_multiply_add_channels` output channels is convolved as
+  multiply-adds (wider first layers, such as the paper CNN's 9x9, 1 -> 86,
+  are faster as XLA's convolution: `python -m scripts.bench.bench_ablations
+  --rows conv`). Every path is written with differentiable ops, so
+  higher-order reverse-mode derivatives work.
   """
   plain = (_is_channels_last_2d(dimension_numbers, jnp.ndim(lhs))
            and tuple(window_strides) == (1, 1)
@@ -254,7 +254,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
   if jnp.shape(lhs)[-1] > 1:
     return _conv_multichannel(lhs, rhs, explicit, cpu_form)
-  return _conv2d(lhs, rhs, explicit, _conv, _input_grad_by_col2im)
+  multiply_adds = jnp.shape(rhs)[-1] <= max_multiply_add_channels
+  cpu = lambda x, w: _conv2d(x, w, explicit, _conv, _input_grad_by_col2im, multiply_adds)
+  return lax.platform_dependent(lhs, rhs, cpu=cpu, default=lambda x, w: _conv(x, w, explicit))
 
 
 def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,

@@ -197,3 +197,22 @@ def test_default_cpu_form_follows_the_xla_flags(monkeypatch):
                     argnums=(0, 1))
     counts[flags] = len(conv_kernel_shapes(grad, x, w))
   assert list(counts.values()) == [1, 3]
+
+
+@pytest.mark.parametrize("max_channels,cpu_convolutions", [(32, 1), (2, 2)])
+def test_single_channel_paths(x64, rng, max_channels, cpu_convolutions):
+  # A 5x5, 1 -> 3 convolution: with `max_multiply_add_channels` >= 3 the CPU
+  # forward is multiply-adds (only the kernel gradient is a convolution),
+  # below it XLA's convolution; the input gradient is col2im either way, and
+  # accelerators keep XLA's three convolutions. Values equal lax's.
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 1)))
+  w = jnp.asarray(rng.normal(size=(5, 5, 1, 3)))
+  conv = functools.partial(layers.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                           dimension_numbers=NHWC, max_multiply_add_channels=max_channels)
+  grad = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
+  ref = jax.grad(lambda x, w: jnp.sum(lax_conv(x, w, "SAME") ** 2), argnums=(0, 1))
+  for a, b in zip(grad(x, w), ref(x, w)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+  x32, w32 = (jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w))
+  assert len(conv_kernel_shapes(grad, x32, w32)) == cpu_convolutions
+  assert len(conv_kernel_shapes(grad, x32, w32, "cuda")) == 3
