@@ -12,18 +12,25 @@ This bounds any kernel built from a few such loops, such as `grid_sample`
 on a small batch (docs/performance.md, "The sampler benchmark against its
 targets").
 
+It also times the wake-up itself, without JAX: a one-byte pipe round trip
+to a thread pinned to the same CPU and to another CPU, back to back and
+after a 1 ms pause (in which an idle core may halt).
+
 Rounds are interleaved (the two libraries alternate which goes first); the
 reported time is the median of the round medians, and the ratio is torch
 / JAX (> 1: JAX is faster). With --out, writes the rows and the provenance
 as JSON. A one-core run: `OMP_NUM_THREADS=1 taskset -c 0 python -m
 scripts.bench.bench_loop_overhead`.
 
-  python -m scripts.bench.bench_loop_overhead [--rounds 6] [--repeats 50] [--out FILE]
+  python -m scripts.bench.bench_loop_overhead [--rounds 6] [--repeats 50] [--trips 500]
+      [--out FILE]
 """
 
 import argparse
 import os
 import statistics
+import threading
+import time
 
 import jax
 import numpy as np
@@ -46,11 +53,56 @@ def partitions(compiled_text: str) -> int:
   return largest
 
 
+def pipe_round_trip_us(cpu_a: int, cpu_b: int, trips: int, pause_s: float = 0.0) -> float:
+  """Median microseconds for a byte to go to a thread pinned to `cpu_b` and back to `cpu_a`."""
+  to_echo, from_echo = os.pipe(), os.pipe()
+
+  def echo():
+    os.sched_setaffinity(0, {cpu_b})  # 0: the calling thread.
+    while (byte := os.read(to_echo[0], 1)) != b"q":
+      os.write(from_echo[1], byte)
+
+  thread = threading.Thread(target=echo)
+  thread.start()
+  affinity = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {cpu_a})
+  times = []
+  try:
+    for _ in range(trips):
+      if pause_s:
+        time.sleep(pause_s)
+      start = time.perf_counter()
+      os.write(to_echo[1], b"x")
+      os.read(from_echo[0], 1)
+      times.append(time.perf_counter() - start)
+  finally:
+    os.write(to_echo[1], b"q")
+    thread.join()
+    os.sched_setaffinity(0, affinity)
+    for fd in (*to_echo, *from_echo):
+      os.close(fd)
+  return 1e6 * statistics.median(times)
+
+
+def wake_up_rows(trips: int) -> list[dict]:
+  """Pipe round trips on the same CPU and across two, back to back and after 1 ms pauses."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) < 2:
+    return []
+  rows = []
+  for pause_s in (0.0, 1e-3):
+    same = pipe_round_trip_us(cpus[0], cpus[0], trips, pause_s)
+    other = pipe_round_trip_us(cpus[0], cpus[1], trips, pause_s)
+    rows.append({"pause_ms": pause_s * 1e3, "same_cpu_us": same, "other_cpu_us": other})
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--repeats", type=int, default=50, help="timed calls per round")
   parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--trips", type=int, default=500, help="pipe round trips per wake-up row")
   parser.add_argument("--out", default=None, help="JSON file for the results (optional)")
   args = parser.parse_args(argv)
 
@@ -87,9 +139,15 @@ def main(argv=None):
   for r in rows:
     print(f"| {r['kib']} KiB | {r['xla_partitions']} | {r['jax_us']:.1f} | "
           f"{r['torch_us']:.1f} | {r['ratio_torch_over_jax']:.2f} |")
+  wake_ups = wake_up_rows(args.trips)
+  if wake_ups:
+    print("\n| pipe round trip | same CPU us | other CPU us |\n|---|---:|---:|")
+  for w in wake_ups:
+    print(f"| after {w['pause_ms']:g} ms pause | {w['same_cpu_us']:.1f} | {w['other_cpu_us']:.1f} |")
   timing.write_results(args.out, {"torch": torch_info, "load": load, "rounds": args.rounds,
-                                  "repeats": args.repeats, "rows": rows})
-  return rows
+                                  "repeats": args.repeats, "rows": rows,
+                                  "trips": args.trips, "wake_up_rows": wake_ups})
+  return rows, wake_ups
 
 
 if __name__ == "__main__":
