@@ -204,13 +204,15 @@ def plot(records, metric, path):
                   key=lambda k: (variants.index(k[0]), k[1]))
     if keys:
       panels.append((title, keys))
-  fig, axes = plt.subplots(1, max(1, len(panels)), squeeze=False,
-                           figsize=(max(6, 1.3 * sum(len(k) for _, k in panels) + 2), 4))
+  # One panel per row: Table 1's 32 cells and addition's 8 stay legible side by side in a README.
+  widest = max([len(k) for _, k in panels], default=1)
+  fig, axes = plt.subplots(max(1, len(panels)), 1, squeeze=False,
+                           figsize=(min(16, max(6, 0.5 * widest + 2)), 3.2 * max(1, len(panels))))
   if not panels:
     axes[0, 0].text(0.5, 0.5, "no records", ha="center", va="center")
     axes[0, 0].set_axis_off()
   width = 0.8 / (1 + len(protocols))
-  for ax, (title, keys) in zip(axes[0], panels):
+  for ax, (title, keys) in zip(axes[:, 0], panels):
     x = np.arange(len(keys))
     ax.bar(x, [paper.get(v, {}).get(m, np.nan) for v, m in keys], width, label="paper",
            color="0.6")
@@ -219,7 +221,7 @@ def plot(records, metric, path):
       mean = [np.mean(e) if e else np.nan for e in errs]
       std = [np.std(e, ddof=1) if len(e) > 1 else 0.0 for e in errs]
       ax.bar(x + (i + 1) * width, mean, width, yerr=std, capsize=2, label=f"measured: {p}")
-    ax.set_xticks(x + 0.4 - width / 2, [f"{v}\n{m}" for v, m in keys], fontsize=7)
+    ax.set_xticks(x + 0.4 - width / 2, [f"{v}\n{m}" for v, m in keys], fontsize=6, rotation=90)
     ax.set_title(title.split(" (")[0], fontsize=9)
     ax.set_ylabel("test error (%)")
   axes[0, 0].legend(fontsize=7)
