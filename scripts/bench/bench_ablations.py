@@ -30,7 +30,7 @@ Rows (name: current vs alternative):
 * conv input gradient / forward: `layers.conv_general_dilated` vs
   `lax.conv_general_dilated`, 5x5, 1 -> 10 channels, batch 64, 28x28.
 * paper-size convs (`cpu_form`): forward and both gradients of the paper
-  CNN's layers in the default form (`xla_cpu.convolution_form()`) vs each
+  CNN's layers in the default form (`layers.default_cpu_form`) vs each
   other form; the 7x7 layer's forward vs `lax`'s (with `--xla_cpu_flags on`
   both are XLA's convolution: comparing files run with `on` and `off`
   gives YNNPACK's speed against Eigen's on that layer).
@@ -151,9 +151,11 @@ def rows():
          lambda: ours_fwd(x, kernel), lambda: lax_fwd(x, kernel))
   # The paper-size CNN's layers (unpadded, 400k parameters) at batch 128:
   # forward and both gradients of a 9x9 1->86 first layer on RTS's 42x42 and a
-  # 7x7 86->86 second layer on its 17x17 maps; the ST-CNN's 21x21 classifier.
+  # 7x7 86->86 second layer on its 17x17 maps (FFTs) and R's 10x10 (XLA's); the
+  # ST-CNN's 21x21 classifier.
   paper_convs = (("9x9 1->86 128x42x42", (128, 42, 42, 1), (9, 9, 1, 86)),
                  ("7x7 86->86 128x17x17", (128, 17, 17, 86), (7, 7, 86, 86)),
+                 ("7x7 86->86 128x10x10", (128, 10, 10, 86), (7, 7, 86, 86)),
                  ("7x7 87->87 128x7x7", (128, 7, 7, 87), (7, 7, 87, 87)))
   for label, x_shape, k_shape in paper_convs:
     px = jax.random.normal(jax.random.key(3), x_shape)
@@ -167,7 +169,7 @@ def rows():
     if k_shape[2] == 1:  # One input channel: the col2im VJP against XLA's convolution.
       alternatives = [("layers vs lax", both_grads(jax.lax.conv_general_dilated))]
     else:
-      current = xla_cpu.convolution_form()
+      current = layers.default_cpu_form(x_shape, k_shape, "VALID")
       alternatives = [(f"{current} vs {form}",
                        both_grads(functools.partial(layers.conv_general_dilated, cpu_form=form)))
                       for form in layers.CPU_CONV_FORMS if form != current]
