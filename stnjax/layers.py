@@ -277,10 +277,10 @@ def default_cpu_form(lhs_shape, rhs_shape, padding, fft_min_saving: float = 8.0,
 
   "fft" where it needs `fft_min_saving` times fewer products than the direct
   sum (`_fft_saving`) and both channel counts are at least
-  `fft_min_channels`, else `xla_cpu.convolution_form()`. The defaults are
-  the AMD EPYC's crossover, fwd + both gradients at batch 64 on one core:
-  1.55x faster at 8.2 (the paper CNN's 7x7, 86 -> 86 layer on RTS's 17x17
-  maps), 0.71x at 3.3 (on R's 10x10), about even near 6.
+  `fft_min_channels`, else `xla_cpu.convolution_form()`. The threshold
+  sits just below the paper CNN's 7x7, 86 -> 86 layer on RTS's 17x17 maps
+  (8.2, faster through FFTs) and well above R's 10x10 (3.3, slower):
+  `python -m scripts.bench.bench_ablations --rows "conv 7x7 86->86"`.
   """
   padding = _explicit_padding(padding, tuple(lhs_shape[1:3]), tuple(rhs_shape[:2]))
   wide = min(rhs_shape[2:]) >= fft_min_channels
