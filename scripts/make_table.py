@@ -204,7 +204,7 @@ def plot(records, metric, path):
                   key=lambda k: (variants.index(k[0]), k[1]))
     if keys:
       panels.append((title, keys))
-  # One panel per row: Table 1's 32 cells and addition's 8 stay legible side by side in a README.
+  # Panels stacked, one per row, so Table 1's 32 cells stay legible at a README's width.
   widest = max([len(k) for _, k in panels], default=1)
   fig, axes = plt.subplots(max(1, len(panels)), 1, squeeze=False,
                            figsize=(min(16, max(6, 0.5 * widest + 2)), 3.2 * max(1, len(panels))))

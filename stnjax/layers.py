@@ -114,7 +114,7 @@ def _fft_length(n: int) -> int:
 
 
 def _fft_saving(x_shape, w_shape, padding) -> float:
-  """Real products of the direct convolution per real product of `_conv_by_fft`'s, per channel pair."""
+  """Real products per channel pair of the direct convolution over those of `_conv_by_fft`."""
   h, wd = (size + lo + hi for size, (lo, hi) in zip(x_shape[1:3], padding))
   kh, kw = w_shape[:2]
   lh, lw = _fft_length(h), _fft_length(wd)
@@ -130,7 +130,8 @@ def _conv_by_fft(x, w, padding):
   2 + 1)` real products per channel pair instead of `Ho * Wo * kh * kw`.
   Autodiff turns both gradients into the same transforms and products. In
   float32 the error relative to the output's largest magnitude is about the
-  direct sum's (`tests/test_layers.py`), not elementwise round-off.
+  direct sum's (`tests/test_layers.py`); small outputs carry the same
+  absolute error as large ones.
   """
   x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
   n, h, wd, cin = x.shape
@@ -292,13 +293,12 @@ def default_cpu_form(lhs_shape, rhs_shape, padding, fft_min_saving: float = 8.0,
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
-                         cpu_form: str | None = None, max_multiply_add_channels: int = 32,
-                         fft_min_saving: float = 8.0, fft_min_channels: int = 16):
+                         cpu_form: str | None = None, max_multiply_add_channels: int = 32):
   """`lax.conv_general_dilated`, faster on CPU for plain channels-last 2-D convolutions.
 
-  Same signature; same values up to float round-off. Plain means: `(N, H, W, C)` input, `(kh, kw,
-  C, O)` kernel, unit strides and dilations, no feature or batch groups,
-  default precision and result type. Everything else goes to
+  Same signature; same values up to float round-off. Plain means: `(N, H,
+  W, C)` input, `(kh, kw, C, O)` kernel, unit strides and dilations, no
+  feature or batch groups, default precision and result type. Everything else goes to
   `lax.conv_general_dilated` unchanged. `cpu_form` picks the CPU path of a
   multi-channel input's forward pass and kernel gradient: "row_matmuls"
   (width-only patches) or "xla" (XLA's convolution), both with the
@@ -307,11 +307,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   `default_cpu_form(...)`: "fft" where it saves most (the paper CNN's 7x7
   layer on RTS's 17x17 maps, not on R's 10x10), else
   `xla_cpu.convolution_form()`, which follows the process's XLA flags. On
-  CPU a single-channel input with at
-  most `max_multiply_add_channels` output channels is convolved as
-  multiply-adds (wider first layers, such as the paper CNN's 9x9, 1 -> 86,
-  are faster as XLA's convolution: `python -m scripts.bench.bench_ablations
-  --rows conv`). Every path is written with differentiable ops, so
+  CPU a single-channel input with at most `max_multiply_add_channels`
+  output channels is convolved as multiply-adds (wider first layers, such
+  as the paper CNN's 9x9, 1 -> 86, are faster as XLA's convolution:
+  `python -m scripts.bench.bench_ablations --rows conv`). Every path is written with differentiable ops, so
   higher-order reverse-mode derivatives work.
   """
   plain = (_is_channels_last_2d(dimension_numbers, jnp.ndim(lhs))
@@ -327,8 +326,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
   if cpu_form is None:
-    cpu_form = default_cpu_form(jnp.shape(lhs), jnp.shape(rhs), explicit, fft_min_saving,
-                                fft_min_channels)
+    cpu_form = default_cpu_form(jnp.shape(lhs), jnp.shape(rhs), explicit)
   if cpu_form not in CPU_CONV_FORMS:
     raise ValueError(f"`cpu_form` must be one of {CPU_CONV_FORMS}, got {cpu_form!r}.")
   if jnp.shape(lhs)[-1] > 1:
