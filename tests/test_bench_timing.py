@@ -96,3 +96,16 @@ def test_default_cpu_devices_follows_the_environment_then_the_cpus(monkeypatch):
   assert timing.default_cpu_devices() == 3
   monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
   assert timing.default_cpu_devices() == len(os.sched_getaffinity(0))
+
+
+def test_cpu_idle_reads_the_driver_and_the_guest_poll_time(tmp_path):
+  assert timing.cpu_idle(tmp_path) is None  # No cpuidle in sysfs: nothing to say.
+  driver = tmp_path / "devices/system/cpu/cpuidle/current_driver"
+  driver.parent.mkdir(parents=True)
+  driver.write_text("intel_idle\n")
+  assert timing.cpu_idle(tmp_path) == {"driver": "intel_idle", "guest_halt_poll_ns": None}
+  poll = tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns"
+  poll.parent.mkdir(parents=True)
+  poll.write_text("0\n")
+  driver.write_text("haltpoll\n")
+  assert timing.cpu_idle(tmp_path) == {"driver": "haltpoll", "guest_halt_poll_ns": 0}

@@ -14,7 +14,9 @@ targets").
 
 It also times the wake-up itself, without JAX: a one-byte pipe round trip
 to a thread pinned to the same CPU and to another CPU, back to back and
-after a 1 ms pause (in which an idle core may halt).
+after a 1 ms pause (in which an idle core may halt). The provenance
+records the CPU idle driver and, on a virtual machine with `haltpoll`, how
+long an idle CPU polls before it halts (`guest_halt_poll_ns`).
 
 Rounds are interleaved (the two libraries alternate which goes first); the
 reported time is the median of the round medians, and the ratio is torch
@@ -132,8 +134,8 @@ def main(argv=None):
 
   torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
   load = f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
-  print(f"\n{timing.cpu_model()}, {len(os.sched_getaffinity(0))} CPUs; jax {jax.__version__}; "
-        f"{torch_info}; {load}\n")
+  print(f"\n{timing.cpu_model()}, {len(os.sched_getaffinity(0))} CPUs "
+        f"(idle: {timing.cpu_idle()}); jax {jax.__version__}; {torch_info}; {load}\n")
   print("| float32 vector | XLA partitions | jax us | torch us | torch / jax |")
   print("|---:|---:|---:|---:|---:|")
   for r in rows:

@@ -107,6 +107,26 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_idle(sysfs: str | os.PathLike = "/sys") -> dict | None:
+  """Linux's CPU idle driver and, under the `haltpoll` driver, how long an idle guest CPU polls.
+
+  `guest_halt_poll_ns` = 0 means an idle virtual CPU halts at once, so waking
+  a thread on it costs a round trip through the hypervisor (the cost
+  `bench_loop_overhead` measures). None where sysfs does not say.
+  """
+  def read(path):
+    try:
+      return pathlib.Path(sysfs, path).read_text().strip()
+    except OSError:
+      return None
+
+  driver = read("devices/system/cpu/cpuidle/current_driver")
+  if driver is None:
+    return None
+  poll_ns = read("module/haltpoll/parameters/guest_halt_poll_ns")
+  return {"driver": driver, "guest_halt_poll_ns": None if poll_ns is None else int(poll_ns)}
+
+
 def _commit() -> str | None:
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -135,6 +155,7 @@ def provenance() -> dict:
       "cpu_count": os.cpu_count(),
       "cpus_available": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count()),
+      "cpu_idle": cpu_idle(),
       "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
       "jax": jax.__version__,
       "python": platform.python_version(),
