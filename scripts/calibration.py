@@ -1,6 +1,7 @@
 """Collects calibration runs' validation curves into one JSON file and a Markdown table.
 
   python -m scripts.calibration --out results/cpu-calibration.json workdirs/cal_*
+  python -m scripts.calibration --every 10000 workdirs/long_run  # fewer table columns
 
 Each argument is a workdir written by `stnjax.train` (e.g. by
 `experiments/train.py ... preset=cpu --config.train.num_steps=N`). For each
@@ -37,9 +38,13 @@ def curve(workdir: str) -> dict:
   }
 
 
-def markdown(runs: list[dict]) -> str:
-  steps = sorted({int(s) for r in runs for s in r["validation_error"] if int(s) > 0})
-  head = "| model | data | padding | steps | " + " | ".join(f"{s // 1000}k" for s in steps) + " |"
+def markdown(runs: list[dict], every: int = 1) -> str:
+  """The curves as a Markdown table, one column per evaluated step that is a multiple of `every`."""
+  if every < 1:
+    raise ValueError(f"every must be a positive number of steps, got {every}.")
+  steps = sorted({int(s) for r in runs for s in r["validation_error"]
+                  if int(s) > 0 and int(s) % every == 0})
+  head = "| model | data | padding | steps | " + " | ".join(f"{s / 1000:g}k" for s in steps) + " |"
   lines = [head, "|" + "---|" * (4 + len(steps))]
   for r in runs:
     cells = [f"{r['validation_error'][str(s)]:.2f}" if str(s) in r["validation_error"] else ""
@@ -53,9 +58,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdirs", nargs="+")
   parser.add_argument("--out", default=None, help="JSON file (optional)")
+  parser.add_argument("--every", type=int, default=1,
+                      help="table columns only at multiples of this many steps (the JSON "
+                           "keeps every evaluation)")
   args = parser.parse_args()
   runs = [curve(w) for w in args.workdirs]
-  print(markdown(runs))
+  print(markdown(runs, args.every))
   timing.write_results(args.out, {"metric": "validation error (%), fixed 10k validation set",
                                   "runs": runs})
 
