@@ -37,9 +37,9 @@ def main():
         "(luuf/stn-placement, hvy's chainer-spatial-transformer-networks, the Lasagne recipe), "
         "except a classifier convolution whose unpadded output would be under 2x2, which is "
         "padded: the ST-CNN's classifier on RTS's pooled 21x21 maps 21 -> 13 -> 7 -> 7 -> 4 "
-        "(unpadded: 7 -> 1, a fully connected layer in disguise, and 0.12 to 0.25 points worse "
-        "on RTS validation from 2,000 steps on in docs/reproduction.md's calibration). Max pools keep a partial "
-        "last window. ST models of RTS, TC and addition "
+        "(unpadded: 7 -> 1, a fully connected layer in disguise, and 0.12 to 0.25 points "
+        "worse on RTS validation from 2,000 steps on in docs/reproduction.md's calibration). "
+        "Max pools keep a partial last window. ST models of RTS, TC and addition "
         "average-pool the transformer output by 2 (`st_pool`). Architectures and the "
         "`padding='SAME'` alternative: `stnjax/models.py` docstring. `tests/test_models.py` "
         "pins these counts.\n")

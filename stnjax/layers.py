@@ -298,8 +298,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
   Same signature; same values up to float round-off. Plain means: `(N, H,
   W, C)` input, `(kh, kw, C, O)` kernel, unit strides and dilations, no
-  feature or batch groups, default precision and result type. Everything else goes to
-  `lax.conv_general_dilated` unchanged. `cpu_form` picks the CPU path of a
+  feature or batch groups, default precision and result type. Everything
+  else goes to `lax.conv_general_dilated` unchanged. `cpu_form` picks the CPU path of a
   multi-channel input's forward pass and kernel gradient: "row_matmuls"
   (width-only patches) or "xla" (XLA's convolution), both with the
   width-convolution input gradient, "fft" (all three through FFTs) or
@@ -310,8 +310,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   CPU a single-channel input with at most `max_multiply_add_channels`
   output channels is convolved as multiply-adds (wider first layers, such
   as the paper CNN's 9x9, 1 -> 86, are faster as XLA's convolution:
-  `python -m scripts.bench.bench_ablations --rows conv`). Every path is written with differentiable ops, so
-  higher-order reverse-mode derivatives work.
+  `python -m scripts.bench.bench_ablations --rows conv`). Every path is
+  written with differentiable ops, so higher-order reverse-mode derivatives
+  work.
   """
   plain = (_is_channels_last_2d(dimension_numbers, jnp.ndim(lhs))
            and tuple(window_strides) == (1, 1)
