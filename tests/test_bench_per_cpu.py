@@ -1,0 +1,76 @@
+"""The per-CPU benchmark suite (`scripts/bench/per_cpu.py`)."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from scripts.bench import per_cpu
+from scripts.bench import timing
+
+
+@pytest.mark.parametrize("model, slug", [
+    ("AMD EPYC", "amd_epyc"),
+    ("AMD EPYC 7B13 64-Core Processor", "amd_epyc_7b13"),
+    ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "intel_xeon_platinum_8481c"),
+    ("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz", "intel_core_i7_8700"),
+    ("(R)", "unknown_cpu"),
+])
+def test_cpu_slug(model, slug):
+  assert per_cpu.cpu_slug(model) == slug
+
+
+def test_jobs_reproduce_the_committed_results_commands():
+  """Each committed file under results/bench/ is one job's output, made by that job's command."""
+  jobs = {job.out("amd_epyc"): job for job in per_cpu.JOBS}
+  files = sorted(os.path.relpath(p, timing.ROOT)
+                 for p in glob.glob(os.path.join(timing.ROOT, "results/bench/*_amd_epyc*.json")))
+  assert files == sorted(jobs)
+  for path in files:
+    provenance = json.load(open(os.path.join(timing.ROOT, path), encoding="utf-8"))["provenance"]
+    job = jobs[path]
+    assert provenance["command"] == " ".join(per_cpu.command(job, "amd_epyc")), path
+    assert (provenance["cpus_available"] == 1) == job.one_core, path
+
+
+def test_only_rejects_an_unknown_job_name(capsys):
+  with pytest.raises(SystemExit):
+    per_cpu.parse_args(["--only", "sampler,samplers"])
+  assert "samplers" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_commands_with_the_cpu_in_the_file_names(monkeypatch, capsys):
+  monkeypatch.setattr(timing, "cpu_model", lambda: "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
+  assert per_cpu.main(["--dry_run", "--only", "sampler_one_core,ablations_conv_fft"]) == 0
+  assert capsys.readouterr().out.splitlines() == [
+      "OMP_NUM_THREADS=1 taskset -c 3 python -m scripts.bench.bench_sampler "
+      "--out results/bench/sampler_intel_xeon_gold_6338_one_core.json",
+      "python -m scripts.bench.bench_ablations --rows 'conv 7x7 86->86' --xla_cpu_flags on "
+      "--out results/bench/ablations_conv_fft_intel_xeon_gold_6338.json",
+  ]
+
+
+def test_run_pins_one_core_jobs_and_waits_for_a_quiet_machine(monkeypatch):
+  calls, loads = [], iter([2.0, 0.9, 0.1])
+  monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+  monkeypatch.setattr(per_cpu.time, "sleep", lambda s: None)
+
+  class Done:
+    returncode = 0
+
+  def fake_run(argv, **kwargs):
+    calls.append((argv, kwargs))
+    return Done()
+
+  monkeypatch.setattr(per_cpu.subprocess, "run", fake_run)
+  job = next(j for j in per_cpu.JOBS if j.name() == "loop_overhead_one_core")
+  assert per_cpu.run(job, "amd_epyc", 1, max_load=0.5)
+  (argv, kwargs), = calls
+  assert argv[1:] == ["-m", "scripts.bench.bench_loop_overhead",
+                      "--out", "results/bench/loop_overhead_amd_epyc_one_core.json"]
+  assert kwargs["env"]["OMP_NUM_THREADS"] == "1"
+  assert kwargs["preexec_fn"] is not None
+  with pytest.raises(StopIteration):  # All three load readings were taken: it waited twice.
+    next(loads)
