@@ -18,9 +18,10 @@
   (`all_reduce_mean`). The same code runs on 1 CPU, 1 GPU or N devices.
   With several CPU devices (`JAX_NUM_CPU_DEVICES=N`, or
   `XLA_FLAGS=--xla_force_host_platform_device_count=N`) the loop keeps one
-  step in flight: with dozens queued, XLA:CPU's gradient all-reduce waited
-  forever for a device that never ran (jax 0.10.2, 2 and 4 CPU devices on 2
-  cores; tested).
+  step, and one evaluation batch, in flight: with dozens queued, XLA:CPU's
+  gradient all-reduce waited forever for a device that never ran (jax
+  0.10.2, 2 and 4 CPU devices on 2 cores; tested), and an evaluation's sum
+  over its batch did so once in the reproduction's CPU runs.
 * Multi-host: `config.distributed = True`; every process runs the same
   program over the global mesh of all processes' devices (CPU processes
   all-reduce over gloo). `initialize_distributed` joins the cluster (from the
@@ -262,13 +263,21 @@ def _pad_eval_set(images, labels, batch_size):
   return images, labels, mask
 
 
-def evaluate(eval_batch, params, padded, batch_size: int) -> dict[str, np.ndarray]:
-  """Exact sums over a padded eval set (host loop over batches, one transfer at the end)."""
+def evaluate(eval_batch, params, padded, batch_size: int,
+             one_in_flight: bool = False) -> dict[str, np.ndarray]:
+  """Exact sums over a padded eval set (host loop over batches, one transfer at the end).
+
+  `one_in_flight` waits for each batch before dispatching the next: on
+  several CPU devices, XLA:CPU can deadlock with many all-reducing programs
+  queued (module docstring).
+  """
   images, labels, mask = padded
   totals = None
   for i in range(0, len(labels), batch_size):
     sums = eval_batch(params, images[i:i + batch_size], labels[i:i + batch_size],
                       mask[i:i + batch_size])
+    if one_in_flight:
+      jax.block_until_ready(sums)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return jax.device_get(totals)
 
@@ -349,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps = workdir_lib.checkpoint_steps(workdir)
     workdir_lib.write_config(config, workdir, resumed_at=steps[-1] if steps else 0)
   # See the module docstring: XLA:CPU can deadlock with many multi-device
-  # steps queued, so on CPU each step is waited for before the next.
+  # programs queued, so on CPU each step and evaluation batch is waited for
+  # before the next.
   one_step_in_flight = len(devices) > 1 and devices[0].platform == "cpu"
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -404,7 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def run_eval(step):
     metrics = {}
     for split, padded in eval_sets.items():
-      metrics.update(summarize_eval(split, evaluate(eval_batch, state.params, padded, eval_bs)))
+      sums = evaluate(eval_batch, state.params, padded, eval_bs, one_in_flight=one_step_in_flight)
+      metrics.update(summarize_eval(split, sums))
     writer.write(step, metrics)
     save_st_outputs(step)
     return metrics

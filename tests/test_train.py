@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -183,14 +184,21 @@ _MANY_STEPS_IN_FLIGHT = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     config = tiny_config(model="st_cnn_aff", **{{"train.num_steps": 200, "log_every": 200,
                                                  "eval_every": 200, "checkpoint_every": 200}})
+    evaluate, one_in_flight = train.evaluate, []
+    def recording_evaluate(*args, **kwargs):
+      one_in_flight.append(kwargs.get("one_in_flight"))
+      return evaluate(*args, **kwargs)
+    train.evaluate = recording_evaluate
     train.train_and_evaluate(config, {workdir!r})
+    assert one_in_flight and all(one_in_flight), one_in_flight
 """)
 
 
 def test_sharded_cpu_run_without_host_syncs_completes(tmp_path):
   # Regression: 200 steps dispatched with no host sync between them made
   # XLA:CPU's all-reduce wait forever on 4 CPU devices (the runtime aborts
-  # after 40 s); the training loop now keeps one step in flight on CPU.
+  # after 40 s); the training loop now keeps one step, and one evaluation
+  # batch, in flight on CPU.
   script = _MANY_STEPS_IN_FLIGHT.format(
       configs=os.path.join(REPO, "experiments", "configs"),
       tests=os.path.dirname(os.path.abspath(__file__)), workdir=str(tmp_path))
@@ -200,6 +208,21 @@ def test_sharded_cpu_run_without_host_syncs_completes(tmp_path):
   final = read_metrics(str(tmp_path))[-1]
   assert final["step"] == 200 and final["test/nseen"] > 0
   assert np.isfinite(final["test/loss"])
+
+
+def test_evaluate_sums_every_batch_and_waits_for_each_when_asked(monkeypatch):
+  images = np.arange(10, dtype=np.float32)
+  padded = (images, np.zeros(10, np.int32), np.arange(10) < 7)
+  eval_batch = jax.jit(lambda params, x, labels, mask: {"sum": params * jnp.sum(x * mask),
+                                                        "nseen": jnp.sum(mask)})
+  waited = []
+  block_until_ready = jax.block_until_ready
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(x) or block_until_ready(x))
+  for one_in_flight, waits in ((False, 0), (True, 4)):  # Batches of 3: 0-2, 3-5, 6-8, 9.
+    waited.clear()
+    sums = train.evaluate(eval_batch, jnp.float32(2.0), padded, 3, one_in_flight=one_in_flight)
+    assert float(sums["sum"]) == 2.0 * sum(range(7)) and int(sums["nseen"]) == 7
+    assert len(waited) == waits
 
 
 def test_config_validation(tmp_path):
