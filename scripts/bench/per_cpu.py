@@ -47,6 +47,8 @@ JOBS = (
     Job("paper_models", "", "bench_paper_models", ("--rounds", "7", "--steps", "3")),
     Job("paper_models", "_xla_flags_off", "bench_paper_models",
         ("--rounds", "7", "--steps", "3", "--xla_cpu_flags", "off")),
+    Job("paper_models_tc", "", "bench_paper_models",
+        ("--layouts", "TC", "--rounds", "7", "--steps", "3")),
     Job("sampler", "", "bench_sampler", ()),
     Job("sampler", "_one_core", "bench_sampler", (), one_core=True),
     Job("loop_overhead", "", "bench_loop_overhead", ()),
