@@ -40,6 +40,12 @@ def test_only_rejects_an_unknown_job_name(capsys):
   assert "samplers" in capsys.readouterr().err
 
 
+def test_max_load_must_be_positive(capsys):
+  with pytest.raises(SystemExit):
+    per_cpu.parse_args(["--max_load", "0"])
+  assert "--max_load must be > 0" in capsys.readouterr().err
+
+
 def test_dry_run_prints_the_commands_with_the_cpu_in_the_file_names(monkeypatch, capsys):
   monkeypatch.setattr(timing, "cpu_model", lambda: "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz")
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})

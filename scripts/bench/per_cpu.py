@@ -119,6 +119,8 @@ def parse_args(argv=None):
                       help="wait for a 1-minute load average below this before each job")
   parser.add_argument("--dry_run", action="store_true", help="print the commands only")
   args = parser.parse_args(argv)
+  if args.max_load <= 0:
+    parser.error(f"--max_load must be > 0 (a load average), got {args.max_load}")
   names = [n for n in args.only.split(",") if n]
   unknown = sorted(set(names) - {job.name() for job in JOBS})
   if unknown:
