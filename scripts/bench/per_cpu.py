@@ -20,11 +20,13 @@ first: commit, or run the jobs one by one with --only, to keep it clean.
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 from typing import NamedTuple
 
+from scripts.bench import readme_tables
 from scripts.bench import timing
 
 
@@ -89,10 +91,9 @@ def command(job: Job, slug: str) -> list[str]:
 
 
 def shell_line(job: Job, slug: str, cpu: int) -> str:
-  """The command as one would type it (arguments with spaces quoted)."""
-  words = [f"'{w}'" if (" " in w or ">" in w) else w for w in command(job, slug)]
+  """The command as one would type it in a shell."""
   prefix = f"OMP_NUM_THREADS=1 taskset -c {cpu} " if job.one_core else ""
-  return prefix + " ".join(words)
+  return prefix + shlex.join(command(job, slug))
 
 
 def wait_for_quiet(max_load: float, poll_seconds: float = 10.0) -> None:
@@ -138,8 +139,7 @@ def main(argv=None) -> int:
       print(shell_line(job, slug, cpu))
     return 0
   failed = [job.name() for job in args.jobs if not run(job, slug, cpu, args.max_load)]
-  subprocess.run([sys.executable, "-m", "scripts.bench.readme_tables", "--readme", "README.md"],
-                 cwd=timing.ROOT, check=False)
+  readme_tables.main(["--readme", str(timing.ROOT / "README.md")])
   if failed:
     print(f"failed: {', '.join(failed)}", file=sys.stderr)
   return 1 if failed else 0
