@@ -1,19 +1,22 @@
 """CPU-only kernels of `grid_sample`, and the options that tune them.
 
 XLA:CPU emits each gathered element as a scalar load, materialises every
-scatter's updates, and fuses an elementwise producer into each of its
-consumers. Three paths work around that on CPU only (other platforms take
-`_interp` as it is, through `lax.platform_dependent` in `sampling`):
+scatter's updates and every gather read by more than one loop, and fuses an
+elementwise producer into each of its consumers. Three paths work around
+that on CPU only (other platforms take `_interp` as it is, through
+`lax.platform_dependent` in `sampling`):
 
 * row pairs: single-channel 2-D bilinear sampling reads the two taps of an
-  image row as one complex number from a table of adjacent-pixel pairs (two
-  gathers per point instead of four), in the forward pass and for the grid
-  cotangent;
+  image row with one index computation, in the forward pass and for the
+  grid cotangent: from the image itself, with the image's borders folded
+  into the weights (one loop), or as one complex number from a table of
+  adjacent-pixel pairs (`pair_table`; a second loop, which builds the table);
 * chunked VJP: a large VJP runs over chunks of the batch in a `lax.scan`,
   so that its scatter buffers stay small and reused instead of fresh pages;
 * fusion boundaries (`own_loop_on_cpu`): values that fused loops would
-  recompute (the VJP's cotangent, the pair table) or slow down (the row-pair
-  output, a single-channel convolution in `layers`) get a loop of their own.
+  recompute (the VJP's cotangent, the pair table), materialise (the row
+  pairs' grid cotangent) or slow down (the row-pair output, a
+  single-channel convolution in `layers`) get a loop of their own.
 
 Every choice is a field of `CpuOptions`, passed down as a static argument;
 `python -m scripts.bench.bench_ablations` times each against its
@@ -41,8 +44,10 @@ class CpuOptions(NamedTuple):
   flat_batch: bool = True
   # Single-channel 2-D bilinear forward from the adjacent-pixel pair table.
   row_pairs: bool = True
-  # The grid cotangent from the pair table too (with `row_pairs`).
+  # The grid cotangent from row pairs too (with `row_pairs`).
   row_pairs_vjp: bool = True
+  # Row pairs read from a table of adjacent-pixel pairs rather than from the image.
+  pair_table: bool = False
   # The row-pair output's own loop: "flat" (one 1-D loop, whose reshape to
   # (N, H, W, 1) is a bitcast), "rows" (a loop over (N, H * W), followed by
   # a layout copy) or "fused" (no loop of its own).
@@ -98,10 +103,14 @@ def own_loop_1d(x: jax.Array) -> jax.Array:
 
 
 def uses_row_pairs(image: jax.Array, spec: interp.Spec, options: CpuOptions) -> bool:
-  """Whether CPU sampling takes `sample_row_pairs`: 2-D bilinear, one channel, f32/f64, flat."""
+  """Whether CPU sampling reads row pairs: 2-D bilinear, one channel, f32/f64, flat, W >= 2.
+
+  (The pair table takes W = 1 too.)
+  """
   return (options.row_pairs and spec.flat_batch and spec.mode == "bilinear"
           and len(spec.spatial) == 2 and image.ndim == 2
-          and image.dtype in (jnp.float32, jnp.float64))
+          and image.dtype in (jnp.float32, jnp.float64)
+          and (options.pair_table or spec.spatial[1] >= 2))
 
 
 def row_pair_table(image: jax.Array, spec: interp.Spec) -> jax.Array:
@@ -178,6 +187,105 @@ def sample_row_pairs(image, coords, spec: interp.Spec):
     pair = interp.gather_rows(pairs, taps.index + dy * (spec.spatial[1] + 3), flat=False)
     out = out + jax.lax.real(pair * jax.lax.complex(wy * wx0, -(wy * wx1)))
   return out
+
+
+class _ImagePairs(NamedTuple):
+  """Where and how each output point reads its two row pairs from the image: `(M, P)` arrays."""
+  index: tuple[jax.Array, jax.Array]  # Per row: flat image index of the pair's left pixel.
+  keep_left: tuple[jax.Array, jax.Array]  # Per row: the left pixel is a tap inside the image;
+  keep_right: tuple[jax.Array, jax.Array]  # the right one is.
+  row_weights: tuple[jax.Array, jax.Array]  # The top and bottom row's weights.
+  col_weights: tuple[jax.Array, jax.Array]  # The left and right pixel's weights.
+  col_slopes: tuple[jax.Array, jax.Array]  # Their derivatives d weight / d column.
+
+
+def _image_pairs(coords, spec: interp.Spec, num_images: int, first=0,
+                 count: int | None = None) -> _ImagePairs:
+  """The image pairs at pixel `coords` `(G, P)` (rows, columns) for examples `first + [0, M)`.
+
+  M as in `_row_pair_taps`. A row's pair is the pixels x and x + 1 with
+  x = clip(floor(col), 0, W - 2), so both lie in that row. Inside, they are
+  the point's two taps; at the left (right) border only the pair's left
+  (right) pixel is a tap, the second (first), and it takes that tap's
+  weight; a pixel that is no tap, or lies in a row outside the image, is
+  masked (so an inf or NaN there never reaches the output).
+  """
+  height, width = spec.spatial
+  rows, cols = coords
+  top, left = jnp.floor(rows), jnp.floor(cols)
+  first_row, first_col = top.astype(jnp.int32), left.astype(jnp.int32)
+  start = jnp.clip(first_col, 0, width - 2)
+  shift = first_col - start  # 0: both pixels are taps; -1 (1): only the left (right) one.
+  inside = shift == 0
+  if num_images > 1:
+    count = max(num_images, rows.shape[0]) if count is None else count
+  index, keep_left, keep_right = [], [], []
+  for row in (first_row, first_row + 1):
+    row_index = jnp.clip(row, 0, height - 1) * width + start
+    if num_images > 1:  # Example b's pixels start at b * H * W.
+      row_index = interp.flat_index(row_index, height * width, first, count)
+    in_image = interp.in_range(row, height)
+    index.append(row_index)
+    keep_left.append(in_image & (inside | (shift == -1)))
+    keep_right.append(in_image & (inside | (shift == 1)))
+  wx0, wx1, one = left + 1 - cols, cols - left, jnp.ones_like(cols)
+  return _ImagePairs(tuple(index), tuple(keep_left), tuple(keep_right),
+                     (top + 1 - rows, rows - top),
+                     (jnp.where(inside, wx0, wx1), jnp.where(inside, wx1, wx0)),
+                     (jnp.where(inside, -one, one), jnp.where(inside, one, -one)))
+
+
+def _read_image_pairs(image, pairs: _ImagePairs) -> list[tuple[jax.Array, jax.Array]]:
+  """Each row's masked `(left, right)` pixels from the images `(N, H * W)`."""
+  flat = image.reshape(1, -1)  # One "image" holding the batch (indices are flat).
+  return [(jnp.where(keep_left, interp.gather_rows(flat, index, flat=False), 0.0),
+           jnp.where(keep_right, interp.gather_rows(flat, index + 1, flat=False), 0.0))
+          for index, keep_left, keep_right in zip(pairs.index, pairs.keep_left, pairs.keep_right)]
+
+
+def sample_image_pairs(image, coords, spec: interp.Spec):
+  """`sample_row_pairs` without the table: each row's two taps read from the image.
+
+  The reads of a row share one index and the border masks are one select per
+  pixel, so sampling is a single loop: on several cores every loop costs a
+  hand-off to a worker thread, and building the pair table is one more.
+  Needs W >= 2 (`uses_row_pairs`). Arguments and result as for
+  `sample_row_pairs`.
+  """
+  pairs = _image_pairs(coords, spec, image.shape[0])
+  (w_left, w_right), out = pairs.col_weights, 0.0
+  for wy, (left, right) in zip(pairs.row_weights, _read_image_pairs(image, pairs)):
+    out = out + wy * (w_left * left + w_right * right)
+  return out
+
+
+def image_pairs_coords_vjp(image, coords, cotangent, spec: interp.Spec, first=0):
+  """The coordinate cotangent of `sample_image_pairs` for cotangent rows `first + [0, n)`.
+
+  Arguments and result as for `row_pairs_coords_vjp`, with the images
+  `(N, H * W)` in place of their pair tables. A row `w_left * left +
+  w_right * right` has d / d column `s_left * left + s_right * right`
+  (`_ImagePairs.col_slopes`); d / d row is the bottom row minus the top.
+  """
+  pairs = _image_pairs(coords, spec, image.shape[0], first, cotangent.shape[0])
+  (w_left, w_right), (s_left, s_right) = pairs.col_weights, pairs.col_slopes
+  pixels = _read_image_pairs(image, pairs)
+  rows = [w_left * left + w_right * right for left, right in pixels]
+  cols = [s_left * left + s_right * right for left, right in pixels]
+  (wy0, wy1) = pairs.row_weights
+  return _in_one_loop(cotangent * (rows[1] - rows[0]), cotangent * (wy0 * cols[0] + wy1 * cols[1]))
+
+
+def _in_one_loop(rows_bar, cols_bar):
+  """`(rows_bar, cols_bar)`, computed in one loop of their own (as one complex array).
+
+  Both read every gathered pixel; as two loops, XLA:CPU materialises each
+  gather and reads it back in both, with a hand-off to a worker thread per
+  loop on several cores. As one complex array, each gather has one consumer
+  and fuses into it.
+  """
+  both = own_loop_on_cpu(jax.lax.complex(rows_bar, cols_bar))
+  return jax.lax.real(both), jax.lax.imag(both)
 
 
 def row_pairs_coords_vjp(pairs, num_images, coords, cotangent, spec: interp.Spec, first=0):
@@ -275,7 +383,7 @@ def forward(image, coords, spec: interp.Spec, options: CpuOptions):
   spec = spec._replace(flat_batch=options.flat_batch)
   if not uses_row_pairs(image, spec, options):
     return interp.sample(image, coords, spec)
-  out = sample_row_pairs(image, coords, spec)
+  out = (sample_row_pairs if options.pair_table else sample_image_pairs)(image, coords, spec)
   # Fused into the reshape to (..., H_out, W_out, 1), the loop would run over
   # that shape, and XLA:CPU computes the tail of each row as scalars.
   loop = {"flat": own_loop_1d, "rows": own_loop_on_cpu, "fused": lambda x: x}[options.output_loop]
@@ -288,10 +396,13 @@ def backward(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
     cotangent = own_loop_on_cpu(cotangent)
   spec = spec._replace(flat_batch=options.flat_batch)
   coords_vjp = None
-  if options.row_pairs_vjp and uses_row_pairs(image, spec, options):
+  if options.row_pairs_vjp and uses_row_pairs(image, spec, options) and options.pair_table:
     pairs = row_pair_table(image, spec)
     coords_vjp = lambda coords, cotangent, first: row_pairs_coords_vjp(
         pairs, image.shape[0], coords, cotangent, spec, first)
+  elif options.row_pairs_vjp and uses_row_pairs(image, spec, options):
+    coords_vjp = lambda coords, cotangent, first: image_pairs_coords_vjp(
+        image, coords, cotangent, spec, first)
   chunks = vjp_chunks(cotangent, spec, options)
   if chunks == 1:
     return interp.grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image),

@@ -109,7 +109,7 @@ class Tap(NamedTuple):
   slopes: tuple[jax.Array, ...]  # d weight / d coordinate, one per array axis.
 
 
-def _in_range(position: jax.Array, size: int) -> jax.Array:
+def in_range(position: jax.Array, size: int) -> jax.Array:
   """`0 <= position < size` for int32 positions, as one unsigned compare (negatives wrap)."""
   return jax.lax.bitcast_convert_type(position, jnp.uint32) < size
 
@@ -151,7 +151,7 @@ def make_taps(coords: tuple[jax.Array, ...], spec: Spec) -> list[Tap]:
     valid, index = True, 0
     for a, t in enumerate(combo):
       position = per_axis[a][0][t]
-      valid = valid & _in_range(position, spec.spatial[a])
+      valid = valid & in_range(position, spec.spatial[a])
       index = index + jnp.clip(position, 0, spec.spatial[a] - 1) * strides[a]
     weights = [per_axis[a][1][t] for a, t in enumerate(combo)]
     slopes = tuple(

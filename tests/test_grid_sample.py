@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -898,29 +899,34 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
 
 
 # On CPU, single-channel 2-D bilinear sampling reads each image row's two taps
-# as one complex pair (_cpu_kernels.sample_row_pairs), and so does its VJP for
-# the grid cotangent (_cpu_kernels.row_pairs_coords_vjp).
+# with one index (_cpu_kernels.sample_image_pairs), and so does its VJP for
+# the grid cotangent (_cpu_kernels.image_pairs_coords_vjp); with `pair_table`
+# both read complex pairs from a table of adjacent pixels instead
+# (sample_row_pairs, row_pairs_coords_vjp).
 FOUR_TAPS = CpuOptions(row_pairs=False)
+PAIR_SOURCES = {"image": CpuOptions(), "table": CpuOptions(pair_table=True)}
 
 
 def uses_row_pairs(image, grid, **kwargs):
-  """Whether the compiled sampler and its VJP (compiled alone) gather complex pairs."""
+  """Whether the CPU sampler and its VJP read row pairs from `pair_table`'s source."""
+  options = kwargs.get("cpu_options", CpuOptions())
+  names = (("sample_row_pairs", "row_pairs_coords_vjp") if options.pair_table else
+           ("sample_image_pairs", "image_pairs_coords_vjp"))
   sample = functools.partial(sampling.grid_sample_with_options, **kwargs)
-  forward = jax.jit(sample).lower(image, grid).compile().as_text()
-  out = jax.eval_shape(sample, image, grid)
-  cotangent = jnp.ones(out.shape, out.dtype)
-  vjp = lambda image, grid, cotangent: jax.vjp(sample, image, grid)[1](cotangent)
-  backward = jax.jit(vjp).lower(image, grid, cotangent).compile().as_text()
-  complex_gather = lambda hlo: re.search(r"c(64|128)\[[0-9,]*\]\{[0-9,]*\} gather\(", hlo)
-  in_forward, in_backward = complex_gather(forward), complex_gather(backward)
-  assert bool(in_forward) == bool(in_backward), (in_forward, in_backward)
-  return in_forward is not None
+  # Run eagerly: a traced function can come from JAX's caches without calling Python.
+  with jax.disable_jit():
+    with mock.patch.object(_cpu_kernels, names[0], wraps=getattr(_cpu_kernels, names[0])) as fwd:
+      out, vjp = jax.vjp(sample, image, grid)
+    with mock.patch.object(_cpu_kernels, names[1], wraps=getattr(_cpu_kernels, names[1])) as bwd:
+      vjp(jnp.ones_like(out))
+  assert bool(fwd.call_count) == bool(bwd.call_count), (fwd.call_count, bwd.call_count)
+  return fwd.call_count > 0
 
 
-def row_pairs_and_four_taps(image, grid, cotangent):
+def row_pairs_and_four_taps(image, grid, cotangent, options=CpuOptions()):
   """`(output, d_image, d_grid)` on the row-pair path, then with it switched off (four taps)."""
-  assert uses_row_pairs(image, grid)
-  pairs = stnjax_grid_sample(image, grid, cotangent, jit=True)
+  assert uses_row_pairs(image, grid, cpu_options=options)
+  pairs = stnjax_grid_sample(image, grid, cotangent, jit=True, cpu_options=options)
   assert not uses_row_pairs(image, grid, cpu_options=FOUR_TAPS)
   return pairs, stnjax_grid_sample(image, grid, cotangent, jit=True, cpu_options=FOUR_TAPS)
 
@@ -928,10 +934,12 @@ def row_pairs_and_four_taps(image, grid, cotangent):
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 @pytest.mark.parametrize("align_corners", ALIGNS)
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
-def test_row_pair_path_matches_torch(x64, rng, padding_mode, align_corners, shared):
+@pytest.mark.parametrize("source", PAIR_SOURCES)
+def test_row_pair_path_matches_torch(x64, rng, padding_mode, align_corners, shared, source):
   image, grid, cot = random_case(rng, ((3,), (5, 6), (4, 7), 1))
   grid[0, 0, :2] = [[40.0, 0.2], [-7.0, 0.3]]  # Far outside.
-  kwargs = dict(padding_mode=padding_mode, align_corners=align_corners)
+  kwargs = dict(padding_mode=padding_mode, align_corners=align_corners,
+                cpu_options=PAIR_SOURCES[source])
   assert uses_row_pairs(image, grid, **kwargs)
   got, ref = stnjax_and_torch_with_sharing(image, grid, cot, shared, **kwargs)
   for a, b in zip(got, ref):
@@ -952,14 +960,15 @@ def test_row_pair_output_is_not_copied(rng):
 
 
 @pytest.mark.parametrize("shape,out_shape", [((2, 5, 6, 1), (4, 7)), ((1, 9, 4, 1), (11, 3)),
-                                             ((3, 1, 8, 1), (2, 5))])
-def test_row_pair_path_matches_four_tap_path(rng, shape, out_shape):
+                                             ((3, 1, 8, 1), (2, 5)), ((2, 4, 2, 1), (3, 5))])
+@pytest.mark.parametrize("source", PAIR_SOURCES)
+def test_row_pair_path_matches_four_tap_path(rng, shape, out_shape, source):
   image = jnp.asarray(rng.normal(size=shape), jnp.float32)
   theta = jnp.asarray(np.eye(2, 3) + 0.4 * rng.normal(size=(shape[0], 2, 3)), jnp.float32)
   grid = np.array(stnjax.affine_grid(theta, out_shape))
   grid[0, 0, :3] = [[np.inf, 0.0], [0.0, -np.inf], [np.nan, 0.5]]  # NaN is -1.
   cotangent = rng.normal(size=grid.shape[:-1] + (1,)).astype(np.float32)
-  pairs, four_taps = row_pairs_and_four_taps(image, grid, cotangent)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, cotangent, PAIR_SOURCES[source])
   for name, a, b in zip(("output", "d_image", "d_grid"), pairs, four_taps):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
     assert float(np.abs(a).max()) > 0.1, name
@@ -969,13 +978,28 @@ def test_row_pair_path_matches_four_tap_path(rng, shape, out_shape):
   assert not np.array_equal(pairs[2], four_taps[2])
 
 
+def test_image_pairs_need_two_columns(rng):
+  # A pair read from the image is two pixels of one row; a one-column image
+  # takes the four taps (the pair table, with its zero border, takes it too).
+  image = rng.normal(size=(2, 5, 1, 1)).astype(np.float32)
+  grid = rng.uniform(-1.5, 1.5, size=(2, 3, 4, 2)).astype(np.float32)
+  assert not uses_row_pairs(image, grid)
+  assert uses_row_pairs(image, grid, cpu_options=PAIR_SOURCES["table"])
+  cot = rng.normal(size=(2, 3, 4, 1)).astype(np.float32)
+  got, ref = stnjax_and_torch_with_sharing(image, grid, cot, "none", align_corners=False)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("shared", ("none", "grid", "image"))
-def test_row_pair_table_border(rng, shared):
-  # The pair table's zero border: top rows and left pairs are clipped to
-  # [-2, H] and [-2, W]. Sample every combination of positions around those
-  # bounds and the image's edges, for a batch whose examples lie next to each
-  # other in the flat table, and compare with the four-tap path (which masks
-  # each tap). Pixels are in [1, 2], so any tap read in the wrong place shows.
+@pytest.mark.parametrize("source", PAIR_SOURCES)
+def test_row_pair_borders(rng, shared, source):
+  # The image pairs' clipped columns and masked rows, and the pair table's
+  # zero border (top rows and left pairs clipped to [-2, H] and [-2, W]).
+  # Sample every combination of positions around those bounds and the
+  # image's edges, for a batch whose examples lie next to each other in
+  # memory, and compare with the four-tap path (which masks each tap).
+  # Pixels are in [1, 2], so any tap read in the wrong place shows.
   height, width = 4, 5
   images = rng.uniform(1, 2, size=(3, height, width, 1)).astype(np.float32)
   cols = np.array([-40, -3.5, -2.5, -1.75, -1.25, -0.5, 0.0, width - 1.5, width - 1.0,
@@ -987,7 +1011,7 @@ def test_row_pair_table_border(rng, shared):
   image, grid = {"none": (images, grids), "grid": (images, grid),
                  "image": (images[0], grids)}[shared]
   cotangent = rng.uniform(1, 2, size=grids.shape[:-1] + (1,)).astype(np.float32)
-  pairs, four_taps = row_pairs_and_four_taps(image, grid, cotangent)
+  pairs, four_taps = row_pairs_and_four_taps(image, grid, cotangent, PAIR_SOURCES[source])
   for name, a, b in zip(("output", "d_image", "d_grid"), pairs, four_taps):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
   out, d_image, d_grid = pairs
@@ -997,19 +1021,22 @@ def test_row_pair_table_border(rng, shared):
   assert (d_grid == 0).mean() > 0.3 and np.abs(d_grid).max() > 1
 
 
-@pytest.mark.parametrize("padding_mode,align_corners", (("zeros", False), ("reflection", True)))
-def test_row_pair_vjp_second_order(x64, rng, padding_mode, align_corners):
+@pytest.mark.parametrize("source,padding_mode,align_corners", (
+    ("image", "zeros", False), ("image", "reflection", True), ("table", "zeros", False)))
+def test_row_pair_vjp_second_order(x64, rng, padding_mode, align_corners, source):
   # The row-pair VJP is itself differentiated for second order (no custom
   # rule below it): finite differences, then its chunked form and the
   # four-tap path (which has its own tests) must agree with it.
   image, grid, cot = smooth_case(rng, align_corners)
   image, cot = image[..., :1], cot[..., :1]
+  options = PAIR_SOURCES[source]
   kwargs = dict(padding_mode=padding_mode, align_corners=align_corners)
-  assert uses_row_pairs(image, grid, **kwargs)
-  sample = jax.jit(functools.partial(stnjax.grid_sample, **kwargs))
+  assert uses_row_pairs(image, grid, cpu_options=options, **kwargs)
+  sample = jax.jit(functools.partial(sampling.grid_sample_with_options, cpu_options=options,
+                                     **kwargs))
   check_grads(sample, (image, grid), order=2, modes=("rev",), eps=1e-6)
 
-  def second_order(cpu_options=CpuOptions()):
+  def second_order(cpu_options):
     def grid_grad_sum(image, grid):
       loss = lambda g: jnp.sum(cot * sampling.grid_sample_with_options(
           image, g, cpu_options=cpu_options, **kwargs) ** 2)
@@ -1019,9 +1046,9 @@ def test_row_pair_vjp_second_order(x64, rng, padding_mode, align_corners):
   # Two chunks: never one piece, and at most half the batch's elements each.
   spec = _interp.Spec(image.shape[1:3], "bilinear", padding_mode, align_corners)
   half = cot[: len(cot) // 2].size
-  chunks = CpuOptions(one_piece_bytes=0, single_channel_chunk_elements=half)
+  chunks = options._replace(one_piece_bytes=0, single_channel_chunk_elements=half)
   assert _cpu_kernels.vjp_chunks(cot.reshape(len(cot), -1), spec, chunks) == 2
-  whole = second_order()
+  whole = second_order(options)
   chunked = second_order(chunks)
   four_taps = second_order(chunks._replace(row_pairs=False))
   for a, b, c in zip(whole, chunked, four_taps):
@@ -1030,7 +1057,8 @@ def test_row_pair_vjp_second_order(x64, rng, padding_mode, align_corners):
     assert float(jnp.abs(a).max()) > 0.1
 
 
-def test_row_pair_path_reads_no_pixel_outside_the_taps(x64):
+@pytest.mark.parametrize("source", PAIR_SOURCES)
+def test_row_pair_path_reads_no_pixel_outside_the_taps(x64, source):
   # Every pixel but a 2x2 block (rows 1-2, the last two columns) and the
   # first column is inf. Taps left of column 0 or right of the last column
   # must read 0, not the neighbouring rows' pixels next to them in memory
@@ -1042,8 +1070,9 @@ def test_row_pair_path_reads_no_pixel_outside_the_taps(x64):
   rows = np.array([1.25, 1.5, 2.0, 0.5])
   cols = np.array([width - 0.75, width - 1.5, -0.5, -0.25])  # Right, inside, left, left.
   grid = jnp.asarray(pixel_grid(cols, rows, width, height, False)[None])  # (1, 4, 2).
-  assert uses_row_pairs(image, grid)
-  out = np.asarray(stnjax.grid_sample(image, grid))[0, :, 0]
+  options = PAIR_SOURCES[source]
+  assert uses_row_pairs(image, grid, cpu_options=options)
+  out = np.asarray(sampling.grid_sample_with_options(image, grid, cpu_options=options))[0, :, 0]
   expected = [0.75 * (0.75 * 2.0) + 0.25 * (0.75 * 4.0),  # Right column's taps only.
               0.5 * (1.5 + 3.5),  # Between the last two columns, rows 1 and 2.
               0.5 * 7.0,  # Column 0 at weight 0.5, row 2 only.

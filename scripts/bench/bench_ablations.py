@@ -19,12 +19,15 @@ Rows (name: current vs alternative):
   256x60x60x1 in batch chunks vs in one piece.
 * gather form (`flat_batch`): image + theta gradient at 256x28x28x1 with
   flat gather/scatter indices vs the accelerators' batched form.
-* row pairs (`row_pairs`): forward at 256x{28,42}x{28,42}x1 with one complex
-  gather per image row vs four taps.
+* row pairs (`row_pairs`): forward at 256x{28,42}x{28,42}x1 with the two
+  taps of an image row read with one index vs four taps.
+* pair source (`pair_table`): sampling a precomputed grid, forward, theta
+  and image + theta gradient at 256x{28,42,60}x{28,42,60}x1 with row pairs
+  read from the image vs from a table of adjacent-pixel pairs.
 * output loop (`output_loop`): the row-pair forward in a 1-D loop of its own
   vs a loop over `(N, H * W)` and vs fused into the reshape.
 * row-pair grid cotangent (`row_pairs_vjp`): theta / image + theta gradient
-  with two complex pair reads per point vs four pixels.
+  with the row pairs vs four taps.
 * cotangent loop (`cotangent_loop`): image + theta gradient at 256x28x28x32
   with the output cotangent in a loop of its own vs fused into every tap.
 * conv input gradient / forward: `layers.conv_general_dilated` vs
@@ -96,6 +99,14 @@ def forward_case(h, w, c, options):
   return lambda: fn(image, theta)
 
 
+def sample_only_case(h, w, c, options):
+  """Sampling at a grid made beforehand (`bench_sampler`'s "sample only"), jitted."""
+  _, image, theta = random_batch(h, w, c)
+  grid = jax.block_until_ready(stnjax.affine_grid(theta, (h, w)))
+  fn = jax.jit(lambda i, g: sampling.grid_sample_with_options(i, g, cpu_options=options))
+  return lambda: fn(image, grid)
+
+
 def sampler_rows():
   """(name, option, ours, alternative) for the sampler's CPU options."""
   yield ("image+theta grad 256x60x60x1: chunked VJP vs one piece", "single_channel_chunk_elements",
@@ -109,6 +120,15 @@ def sampler_rows():
     yield (f"forward 256x{size}x{size}x1: row pairs vs four taps", "row_pairs",
            forward_case(size, size, 1, DEFAULT),
            forward_case(size, size, 1, DEFAULT._replace(row_pairs=False)))
+  table = DEFAULT._replace(pair_table=True)
+  for size in (28, 42, 60):
+    cases = (("sample only", sample_only_case), ("forward", forward_case),
+             ("theta grad", functools.partial(gradient_case, argnums=1)),
+             ("image+theta grad", functools.partial(gradient_case, argnums=(0, 1))))
+    for workload, case in cases:
+      yield (f"{workload} 256x{size}x{size}x1: row pairs from the image vs a pair table",
+             "pair_table", case(size, size, 1, options=DEFAULT),
+             case(size, size, 1, options=table))
   for size in (28, 60):
     for loop in ("rows", "fused"):
       yield (f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs {loop}", "output_loop",
