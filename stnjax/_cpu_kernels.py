@@ -42,7 +42,7 @@ class CpuOptions(NamedTuple):
   # Gather/scatter with the example offset folded into a flat index (else
   # the accelerators' batched form, `operand_batching_dims`).
   flat_batch: bool = True
-  # Single-channel 2-D bilinear forward from the adjacent-pixel pair table.
+  # Single-channel 2-D bilinear: each image row's two taps read as a pair, with one index.
   row_pairs: bool = True
   # The grid cotangent from row pairs too (with `row_pairs`).
   row_pairs_vjp: bool = True
@@ -192,8 +192,8 @@ def sample_row_pairs(image, coords, spec: interp.Spec):
 class _ImagePairs(NamedTuple):
   """Where and how each output point reads its two row pairs from the image: `(M, P)` arrays."""
   index: tuple[jax.Array, jax.Array]  # Per row: flat image index of the pair's left pixel.
-  keep_left: tuple[jax.Array, jax.Array]  # Per row: the left pixel is a tap inside the image;
-  keep_right: tuple[jax.Array, jax.Array]  # the right one is.
+  keep_left: tuple[jax.Array, jax.Array]  # Per row: whether the left pixel is a tap in the image.
+  keep_right: tuple[jax.Array, jax.Array]  # The same for the right pixel.
   row_weights: tuple[jax.Array, jax.Array]  # The top and bottom row's weights.
   col_weights: tuple[jax.Array, jax.Array]  # The left and right pixel's weights.
   col_slopes: tuple[jax.Array, jax.Array]  # Their derivatives d weight / d column.
@@ -396,13 +396,14 @@ def backward(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
     cotangent = own_loop_on_cpu(cotangent)
   spec = spec._replace(flat_batch=options.flat_batch)
   coords_vjp = None
-  if options.row_pairs_vjp and uses_row_pairs(image, spec, options) and options.pair_table:
-    pairs = row_pair_table(image, spec)
-    coords_vjp = lambda coords, cotangent, first: row_pairs_coords_vjp(
-        pairs, image.shape[0], coords, cotangent, spec, first)
-  elif options.row_pairs_vjp and uses_row_pairs(image, spec, options):
-    coords_vjp = lambda coords, cotangent, first: image_pairs_coords_vjp(
-        image, coords, cotangent, spec, first)
+  if options.row_pairs_vjp and uses_row_pairs(image, spec, options):
+    if options.pair_table:
+      pairs = row_pair_table(image, spec)
+      coords_vjp = lambda coords, cotangent, first: row_pairs_coords_vjp(
+          pairs, image.shape[0], coords, cotangent, spec, first)
+    else:
+      coords_vjp = lambda coords, cotangent, first: image_pairs_coords_vjp(
+          image, coords, cotangent, spec, first)
   chunks = vjp_chunks(cotangent, spec, options)
   if chunks == 1:
     return interp.grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image),
