@@ -55,6 +55,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_cpu.restart_with_huge_pages()  # Before anything is allocated.
   try:  # absl would only say "AttributeError: 'lr'" for a misplaced override.
     config_schema.check_override_flags(sys.argv[1:])
   except ValueError as e:

@@ -476,4 +476,5 @@ def _run_cells(jobs, argv):
 
 
 if __name__ == "__main__":
+  xla_cpu.restart_with_huge_pages()
   main()

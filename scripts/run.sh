@@ -23,12 +23,9 @@ if [[ -z "${JAX_NUM_CPU_DEVICES:-}" ]]; then
     if (( d <= cores )); then export JAX_NUM_CPU_DEVICES=$d; break; fi
   done
 fi
-# Back glibc malloc's large (mmap'd) blocks with transparent huge pages where
-# the kernel offers them on request (THP mode "madvise"): XLA:CPU allocates a
-# program's temporaries afresh on every call, and faulting them in 4 KiB pages
-# costs time (docs/performance.md). Needs glibc >= 2.35 (others ignore it).
-# Set GLIBC_TUNABLES to override (empty: glibc's defaults).
-export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
+# experiments/train.py restarts itself with glibc's huge-page tunable
+# (stnjax.xla_cpu.restart_with_huge_pages); set GLIBC_TUNABLES to override
+# (empty: glibc's defaults).
 start=$(date +%s)
 .venv/bin/python experiments/train.py \
   --config "experiments/configs/distorted_mnist.py:model=st_cnn_aff,data=RTS,preset=short" \

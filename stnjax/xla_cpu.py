@@ -17,9 +17,19 @@ or sets `XLA_FLAGS` themselves.
 with `FLAGS` in effect XLA's convolution computes the forward pass and the
 kernel gradient, otherwise row matrix products do; the input gradient is a
 width convolution and shifted row sums either way.
+
+XLA:CPU allocates each call's buffers afresh; with glibc's default malloc the
+large ones land in fresh 4 KiB pages, each a page fault, which slows the
+paper models' training step (docs/performance.md, "Memory").
+`restart_with_huge_pages()` re-executes a script with `GLIBC_TUNABLES`, so
+that glibc backs those blocks with transparent huge pages; stnjax's
+training and benchmark scripts call it first thing. A library user sets
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment before Python
+starts (glibc reads it only then).
 """
 
 import os
+import sys
 import warnings
 
 # Removes "individual_convolution" from XLA:CPU's YNNPACK fusion types.
@@ -31,6 +41,9 @@ DATA_PARALLEL_FLAGS = (f"{EIGEN_FLAG}=false",)
 # The first jaxlib measured with them; older ones may not know the flag, and
 # XLA aborts on an unknown flag.
 MIN_JAXLIB = (0, 10)
+# glibc >= 2.35 madvises its mmap'd blocks for transparent huge pages (the
+# kernel's THP mode "madvise" or "always"); older glibc ignores the tunable.
+GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
 def _jaxlib_version() -> tuple[int, ...]:
@@ -84,3 +97,24 @@ def convolution_form() -> str:
   """The CPU form `layers.conv_general_dilated` uses for a multi-channel input by default."""
   return "xla" if in_effect() else "row_matmuls"
 
+
+
+def restart_with_huge_pages(tunables: str = GLIBC_TUNABLES) -> None:
+  """Re-executes this script with `GLIBC_TUNABLES=tunables` on Linux, unless the variable is set.
+
+  Call it from a script's `if __name__ == "__main__":` block only: it
+  replaces the process (same interpreter, arguments and environment), and
+  glibc reads its tunables once, at process start. Any value already set,
+  the empty one included, is kept (`GLIBC_TUNABLES= python ...` runs with
+  glibc's defaults), so the restarted script does not restart again.
+  """
+  if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  # Run as `python -m package.module`: restart the module, not its file.
+  command = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+  os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]],
+            dict(os.environ, GLIBC_TUNABLES=tunables))

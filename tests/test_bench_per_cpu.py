@@ -32,6 +32,8 @@ def test_jobs_reproduce_the_committed_results_commands():
     job = jobs[path]
     assert provenance["command"] == " ".join(per_cpu.command(job, "amd_epyc")), path
     assert (provenance["cpus_available"] == 1) == job.one_core, path
+    if "GLIBC_TUNABLES" in dict(job.env):
+      assert provenance["glibc_tunables"] == dict(job.env)["GLIBC_TUNABLES"], path
 
 
 def test_only_rejects_an_unknown_job_name(capsys):
@@ -80,3 +82,21 @@ def test_run_pins_one_core_jobs_and_waits_for_a_quiet_machine(monkeypatch):
   assert kwargs["preexec_fn"] is not None
   with pytest.raises(StopIteration):  # All three load readings were taken: it waited twice.
     next(loads)
+
+
+def test_a_job_with_environment_settings_runs_and_prints_with_them(monkeypatch, capsys):
+  calls = []
+
+  class Done:
+    returncode = 0
+
+  monkeypatch.setattr(per_cpu.subprocess, "run", lambda argv, **kw: calls.append(kw) or Done())
+  monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  job = next(j for j in per_cpu.JOBS if j.name() == "paper_models_glibc_defaults")
+  assert per_cpu.run(job, "amd_epyc", 0, max_load=0.5)
+  [kwargs] = calls
+  assert kwargs["env"]["GLIBC_TUNABLES"] == ""
+  assert "OMP_NUM_THREADS" not in kwargs["env"] or os.environ.get("OMP_NUM_THREADS")
+  assert capsys.readouterr().out.splitlines()[-1].startswith(
+      "== paper_models_glibc_defaults: GLIBC_TUNABLES='' python -m scripts.bench.bench_paper_models")

@@ -9,8 +9,9 @@ from scripts.bench import readme_tables
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _paper(cpu, flags_on, stnjax_s, torch_s):
-  return {"provenance": {"cpu_model": cpu, "cpu_count": 2, "jax": "0.10.2"},
+def _paper(cpu, flags_on, stnjax_s, torch_s, glibc_tunables="glibc.malloc.hugetlb=1"):
+  return {"provenance": {"cpu_model": cpu, "cpu_count": 2, "jax": "0.10.2",
+                         "glibc_tunables": glibc_tunables},
           "xla_cpu_flags_in_effect": flags_on, "devices": 2,
           "rows": [{"workload": "RTS cnn", "batch": b,
                     "seconds_per_step": {"stnjax_1": 9.0, "stnjax_2": stnjax_s, "torch": torch_s}}
@@ -28,10 +29,11 @@ def test_block_per_cpu_model_from_the_data_parallel_column():
   text = readme_tables.block(
       [("a.json", _paper("Intel Xeon", True, 0.5, 0.25)),
        ("off.json", _paper("Intel Xeon", False, 0.1, 0.9)),  # Flags off: not how we train.
+       ("glibc.json", _paper("Intel Xeon", True, 0.1, 0.9, "")),  # Nor glibc's defaults.
        ("b.json", _paper("AMD EPYC", True, 0.2, 0.3))],
       [("s2.json", _sampler("AMD EPYC", 2, 0.5)), ("s1.json", _sampler("AMD EPYC", 1, 1.25))])
   amd, intel = text.split("**Intel Xeon**")
-  assert "**AMD EPYC**" in amd and "off.json" not in text
+  assert "**AMD EPYC**" in amd and "off.json" not in text and "glibc.json" not in text
   assert "| RTS cnn | 0.500 | 0.250 | 0.50 | 0.500 | 0.250 | 0.50 |" in intel
   assert "| RTS cnn | 0.200 | 0.300 | 1.50 | 0.200 | 0.300 | 1.50 |" in amd
   rows = [line for line in amd.splitlines() if line.startswith("| 256x28x28x1")]

@@ -2,28 +2,10 @@
 
 import json
 import os
-import sys
-import types
 
 import pytest
 
 from scripts.bench import timing
-
-
-class Restarted(Exception):
-  """Raised by the fake `os.execve` in place of replacing the process."""
-
-
-@pytest.fixture
-def execve_calls(monkeypatch):
-  calls = []
-
-  def fake_execve(path, argv, env):
-    calls.append((path, argv, env))
-    raise Restarted
-
-  monkeypatch.setattr(os, "execve", fake_execve)
-  return calls
 
 
 def test_median_seconds_counts_warmup_calls_and_times_the_rest(monkeypatch):
@@ -32,30 +14,6 @@ def test_median_seconds_counts_warmup_calls_and_times_the_rest(monkeypatch):
   seen = []
   assert timing.median_seconds(seen.append, warmup=2, repeats=3) == 2.0
   assert seen == [0, 1, 2, 3, 4]
-
-
-def test_restart_sets_glibc_tunables_when_unset(monkeypatch, execve_calls):
-  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-  monkeypatch.setenv("STNJAX_TEST_MARKER", "kept")
-  monkeypatch.setattr(sys, "argv", ["/repo/scripts/bench/bench_sampler.py", "--rounds", "2"])
-  main = types.ModuleType("__main__")
-  main.__spec__ = types.SimpleNamespace(name="scripts.bench.bench_sampler")
-  monkeypatch.setitem(sys.modules, "__main__", main)
-  with pytest.raises(Restarted):
-    timing.restart_with_glibc_tunables()
-  [(path, argv, env)] = execve_calls
-  assert path == sys.executable
-  assert argv == [sys.executable, "-m", "scripts.bench.bench_sampler", "--rounds", "2"]
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-  assert env["STNJAX_TEST_MARKER"] == "kept"
-
-
-@pytest.mark.parametrize("value", ["", "glibc.malloc.arena_max=1"])
-def test_restart_keeps_a_set_value_even_empty(monkeypatch, execve_calls, value):
-  monkeypatch.setenv("GLIBC_TUNABLES", value)
-  timing.restart_with_glibc_tunables()
-  assert execve_calls == []
-  assert os.environ["GLIBC_TUNABLES"] == value
 
 
 @pytest.mark.skipif(not (hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")),

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -91,3 +92,72 @@ def test_in_effect_reads_xla_flags(monkeypatch):
   assert xla_cpu.in_effect() and xla_cpu.convolution_form() == "xla"
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   assert not xla_cpu.in_effect() and xla_cpu.convolution_form() == "row_matmuls"
+
+
+class Restarted(Exception):
+  """Raised by the fake `os.execve` in place of replacing the process."""
+
+
+@pytest.fixture
+def execve_calls(monkeypatch):
+  calls = []
+
+  def fake_execve(path, argv, env):
+    calls.append((path, argv, env))
+    raise Restarted
+
+  monkeypatch.setattr(os, "execve", fake_execve)
+  monkeypatch.setattr(sys, "platform", "linux")
+  return calls
+
+
+@pytest.mark.parametrize("spec_name, expected", [
+    ("scripts.bench.bench_sampler", ["-m", "scripts.bench.bench_sampler"]),  # python -m
+    (None, ["/repo/experiments/train.py"]),  # python file.py
+])
+def test_restart_sets_glibc_tunables_when_unset(monkeypatch, execve_calls, spec_name, expected):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setenv("STNJAX_TEST_MARKER", "kept")
+  monkeypatch.setattr(sys, "argv", ["/repo/experiments/train.py", "--rounds", "2"])
+  main = types.ModuleType("__main__")
+  main.__spec__ = types.SimpleNamespace(name=spec_name) if spec_name else None
+  monkeypatch.setitem(sys.modules, "__main__", main)
+  with pytest.raises(Restarted):
+    xla_cpu.restart_with_huge_pages()
+  [(path, argv, env)] = execve_calls
+  assert path == sys.executable
+  assert argv == [sys.executable, *expected, "--rounds", "2"]
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert env["STNJAX_TEST_MARKER"] == "kept"
+
+
+@pytest.mark.parametrize("value", ["", "glibc.malloc.arena_max=1"])
+def test_restart_keeps_a_set_value_even_empty(monkeypatch, execve_calls, value):
+  monkeypatch.setenv("GLIBC_TUNABLES", value)
+  xla_cpu.restart_with_huge_pages()
+  assert execve_calls == []
+  assert os.environ["GLIBC_TUNABLES"] == value
+
+
+def test_restart_only_on_linux(monkeypatch, execve_calls):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setattr(sys, "platform", "darwin")
+  xla_cpu.restart_with_huge_pages()
+  assert execve_calls == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="restarts on Linux only")
+def test_restart_runs_the_script_again_with_the_tunable(tmp_path):
+  script = tmp_path / "script.py"
+  script.write_text(textwrap.dedent("""
+      import os, sys
+      from stnjax import xla_cpu
+      print("start", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+      if __name__ == "__main__":
+        xla_cpu.restart_with_huge_pages()
+  """))
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  result = subprocess.run([sys.executable, str(script), "--flag"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=True)
+  assert result.stdout.split("\n")[:2] == [
+      "start None ['--flag']", "start glibc.malloc.hugetlb=1 ['--flag']"]

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from scripts.bench import timing
+from stnjax import xla_cpu
 
 SIZES_KIB = (128, 256, 512, 1024, 4096, 16384)
 
@@ -153,5 +154,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  timing.restart_with_glibc_tunables()
+  xla_cpu.restart_with_huge_pages()
   main()

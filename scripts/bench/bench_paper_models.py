@@ -32,8 +32,9 @@ Timing: `--warmup` untimed steps each (compilation), then `--rounds`
 interleaved rounds (the implementations take turns, so machine noise hits
 them alike), each the median of `--steps` timed, synchronised steps; the
 table gives the median over rounds and torch_s / stnjax_s (> 1: stnjax
-faster). `GLIBC_TUNABLES` is left as given (recorded in the provenance;
-scripts/run.sh trains with `glibc.malloc.hugetlb=1`). `stnjax.xla_cpu.configure()`
+faster). The script restarts itself with glibc's huge-page tunable, as the
+training scripts do (`stnjax.xla_cpu.restart_with_huge_pages`; `GLIBC_TUNABLES=
+python -m ...` keeps glibc's defaults; recorded in the provenance). `stnjax.xla_cpu.configure()`
 runs first, as in the training scripts, for `--cpu_devices` devices (so the
 one-device column runs under the data-parallel flags too; `--xla_cpu_flags
 off`: without any).
@@ -473,4 +474,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  xla_cpu.restart_with_huge_pages()
   main()

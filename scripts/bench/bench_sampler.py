@@ -209,5 +209,5 @@ def main():
 
 
 if __name__ == "__main__":
-  timing.restart_with_glibc_tunables()
+  stnjax.xla_cpu.restart_with_huge_pages()
   main()

@@ -39,9 +39,10 @@ Prints a Markdown table with the ratio stnjax / torch and the device and,
 with --out, writes the steps/s and the provenance as JSON.
 
 Row 5 also reports its minor page faults per step: XLA:CPU allocates each
-call's temporaries afresh. On Linux with glibc >= 2.35,
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (which `scripts/run.sh` sets) backs
-them with transparent huge pages (docs/performance.md, "Memory").
+call's temporaries afresh. The script restarts itself, as the training
+scripts do, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which on Linux with
+glibc >= 2.35 backs them with transparent huge pages (docs/performance.md,
+"Memory"; `GLIBC_TUNABLES= python -m ...` keeps glibc's defaults).
 """
 
 import argparse
@@ -309,4 +310,5 @@ def main():
 
 
 if __name__ == "__main__":
+  xla_cpu.restart_with_huge_pages()
   main()

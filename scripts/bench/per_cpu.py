@@ -37,6 +37,7 @@ class Job(NamedTuple):
   module: str
   args: tuple[str, ...]
   one_core: bool = False
+  env: tuple[tuple[str, str], ...] = ()  # Environment variables set for the run.
 
   def name(self) -> str:
     return self.prefix + self.suffix
@@ -49,6 +50,8 @@ JOBS = (
     Job("paper_models", "", "bench_paper_models", ("--rounds", "7", "--steps", "3")),
     Job("paper_models", "_xla_flags_off", "bench_paper_models",
         ("--rounds", "7", "--steps", "3", "--xla_cpu_flags", "off")),
+    Job("paper_models", "_glibc_defaults", "bench_paper_models", ("--rounds", "7", "--steps", "3"),
+        env=(("GLIBC_TUNABLES", ""),)),
     Job("paper_models_tc", "", "bench_paper_models",
         ("--layouts", "TC", "--rounds", "7", "--steps", "3")),
     Job("sampler", "", "bench_sampler", ()),
@@ -93,6 +96,7 @@ def command(job: Job, slug: str) -> list[str]:
 def shell_line(job: Job, slug: str, cpu: int) -> str:
   """The command as one would type it in a shell."""
   prefix = f"OMP_NUM_THREADS=1 taskset -c {cpu} " if job.one_core else ""
+  prefix += "".join(f"{name}={shlex.quote(value)} " for name, value in job.env)
   return prefix + shlex.join(command(job, slug))
 
 
@@ -106,7 +110,7 @@ def run(job: Job, slug: str, cpu: int, max_load: float) -> bool:
   wait_for_quiet(max_load)
   print(f"\n== {job.name()}: {shell_line(job, slug, cpu)}", flush=True)
   argv = [sys.executable, *command(job, slug)[1:]]
-  env = dict(os.environ, OMP_NUM_THREADS="1") if job.one_core else None
+  env = dict(os.environ, **dict(job.env), **({"OMP_NUM_THREADS": "1"} if job.one_core else {}))
   pin = (lambda: os.sched_setaffinity(0, {cpu})) if job.one_core else None
   return subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin, check=False).returncode == 0
 

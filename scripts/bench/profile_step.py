@@ -150,4 +150,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  xla_cpu.restart_with_huge_pages()
   main()

@@ -31,32 +31,6 @@ def median_seconds(fn: Callable[[int], object], *, warmup: int = 0, repeats: int
   return statistics.median(times)
 
 
-# The C-library setting that `scripts/run.sh` gives the main job: glibc backs
-# its large (mmap'd) blocks with transparent huge pages, so the buffers that
-# XLA:CPU allocates afresh on every call do not each cost fresh 4 KiB page
-# faults (docs/performance.md, "Memory").
-GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
-
-
-def restart_with_glibc_tunables(tunables: str = GLIBC_TUNABLES) -> None:
-  """Re-executes this script with `GLIBC_TUNABLES=tunables` unless the variable is set.
-
-  glibc reads its tunables once, at process start, hence the restart (the
-  same interpreter, arguments and environment). Any value already set,
-  the empty one included, is kept: `GLIBC_TUNABLES= python scripts/...`
-  runs with glibc's defaults. Other C libraries ignore the variable.
-  """
-  if "GLIBC_TUNABLES" in os.environ:
-    return
-  sys.stdout.flush()
-  main = sys.modules.get("__main__")
-  spec = getattr(main, "__spec__", None)
-  # Run as `python -m scripts.bench.x`: restart the module, not its file.
-  command = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
-  os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]],
-            dict(os.environ, GLIBC_TUNABLES=tunables))
-
-
 def pin_xla_worker_threads() -> dict[int, int]:
   """Pins each of XLA:CPU's intra-op worker threads in this process to a CPU of its own.
 
