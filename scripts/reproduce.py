@@ -64,6 +64,8 @@ Record schema (JSON, one file per seed; errors in %):
   (the host's CPU),
   device_kind, platform, num_devices, jax_version, jaxlib_version, xla_flags
   (`XLA_FLAGS` as the cell ran: `stnjax.xla_cpu.configure()` appends to it),
+  glibc_tunables (`GLIBC_TUNABLES`: the script restarts itself with
+  `stnjax.xla_cpu.GLIBC_TUNABLES` unless it is set; absent in older records),
   git_commit ("<sha>" or "<sha>-dirty": tracked files modified; untracked
   files are ignored), git_dirty, command (the exact command line that
   reproduces this cell), invocation (the argv that produced it), overrides,
@@ -248,7 +250,8 @@ def device_info():
           "device_kind": d.device_kind,
           "platform": d.platform, "num_devices": jax.device_count(),
           "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
-          "xla_flags": os.environ.get("XLA_FLAGS")}
+          "xla_flags": os.environ.get("XLA_FLAGS"),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def record_path(args, variant, model, seed):
