@@ -98,7 +98,6 @@ def convolution_form() -> str:
   return "xla" if in_effect() else "row_matmuls"
 
 
-
 def restart_with_huge_pages(tunables: str = GLIBC_TUNABLES) -> None:
   """Re-executes this script with `GLIBC_TUNABLES=tunables` on Linux, unless the variable is set.
 
@@ -107,14 +106,18 @@ def restart_with_huge_pages(tunables: str = GLIBC_TUNABLES) -> None:
   glibc reads its tunables once, at process start. Any value already set,
   the empty one included, is kept (`GLIBC_TUNABLES= python ...` runs with
   glibc's defaults), so the restarted script does not restart again.
+  Without a script to run again (`python -c`, an interactive session) it
+  does nothing.
   """
   if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
     return
-  sys.stdout.flush()
-  sys.stderr.flush()
   main = sys.modules.get("__main__")
   spec = getattr(main, "__spec__", None)
   # Run as `python -m package.module`: restart the module, not its file.
   command = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+  if command[0] in ("", "-c"):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]],
             dict(os.environ, GLIBC_TUNABLES=tunables))

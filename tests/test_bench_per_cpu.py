@@ -93,10 +93,11 @@ def test_a_job_with_environment_settings_runs_and_prints_with_them(monkeypatch, 
   monkeypatch.setattr(per_cpu.subprocess, "run", lambda argv, **kw: calls.append(kw) or Done())
   monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
   job = next(j for j in per_cpu.JOBS if j.name() == "paper_models_glibc_defaults")
   assert per_cpu.run(job, "amd_epyc", 0, max_load=0.5)
   [kwargs] = calls
   assert kwargs["env"]["GLIBC_TUNABLES"] == ""
-  assert "OMP_NUM_THREADS" not in kwargs["env"] or os.environ.get("OMP_NUM_THREADS")
+  assert "OMP_NUM_THREADS" not in kwargs["env"] and kwargs["preexec_fn"] is None  # Not one-core.
   assert capsys.readouterr().out.splitlines()[-1].startswith(
       "== paper_models_glibc_defaults: GLIBC_TUNABLES='' python -m scripts.bench.bench_paper_models")

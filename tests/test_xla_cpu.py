@@ -139,6 +139,15 @@ def test_restart_keeps_a_set_value_even_empty(monkeypatch, execve_calls, value):
   assert os.environ["GLIBC_TUNABLES"] == value
 
 
+@pytest.mark.parametrize("argv0", ["-c", ""])
+def test_restart_needs_a_script_to_run_again(monkeypatch, execve_calls, argv0):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setattr(sys, "argv", [argv0])
+  monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+  xla_cpu.restart_with_huge_pages()
+  assert execve_calls == []
+
+
 def test_restart_only_on_linux(monkeypatch, execve_calls):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   monkeypatch.setattr(sys, "platform", "darwin")

@@ -9,8 +9,10 @@ name (`cpu_slug`: "AMD EPYC" -> `sampler_amd_epyc.json`); then rewrites the
 README's tables (`readme_tables`, which groups the files by CPU model).
 Before each benchmark it waits for the 1-minute load average to fall below
 --max_load: a timing needs a quiet machine. One-core jobs run pinned to the
-first CPU this process may use, with `OMP_NUM_THREADS=1` for torch. A
-failed benchmark is reported and the rest still run (exit status 1).
+first CPU this process may use, with `OMP_NUM_THREADS=1` for torch; a job
+may set environment variables of its own (`Job.env`: glibc's defaults for
+the comparison run of the paper models). A failed benchmark is reported
+and the rest still run (exit status 1).
 
 Each file's provenance names the commit; files of a CPU already measured are
 overwritten, so the tree is modified ("-dirty") for the jobs after the
