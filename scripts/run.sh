@@ -23,9 +23,14 @@ if [[ -z "${JAX_NUM_CPU_DEVICES:-}" ]]; then
     if (( d <= cores )); then export JAX_NUM_CPU_DEVICES=$d; break; fi
   done
 fi
-# experiments/train.py restarts itself with glibc's huge-page tunable
-# (stnjax.xla_cpu.restart_with_huge_pages); set GLIBC_TUNABLES to override
-# (empty: glibc's defaults).
+# glibc's huge-page tunable (stnjax.xla_cpu.GLIBC_TUNABLES, docs/performance.md,
+# "Memory"), exported so that every step of the job and the report's
+# provenance see it; experiments/train.py would otherwise restart itself with
+# it. Set GLIBC_TUNABLES to override (empty: glibc's defaults).
+if [[ -z "${GLIBC_TUNABLES+set}" ]]; then
+  GLIBC_TUNABLES=$(.venv/bin/python -c "from stnjax import xla_cpu; print(xla_cpu.GLIBC_TUNABLES)")
+  export GLIBC_TUNABLES
+fi
 start=$(date +%s)
 .venv/bin/python experiments/train.py \
   --config "experiments/configs/distorted_mnist.py:model=st_cnn_aff,data=RTS,preset=short" \
