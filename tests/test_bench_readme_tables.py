@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _paper(cpu, flags_on, stnjax_s, torch_s, glibc_tunables="glibc.malloc.hugetlb=1"):
   return {"provenance": {"cpu_model": cpu, "cpu_count": 2, "jax": "0.10.2",
                          "glibc_tunables": glibc_tunables},
-          "xla_cpu_flags_in_effect": flags_on, "devices": 2,
+          "xla_cpu_flags_in_effect": flags_on, "devices": 2, "torch": "2.13.0+cpu (cpu, 2 threads)",
           "rows": [{"workload": "RTS cnn", "batch": b,
                     "seconds_per_step": {"stnjax_1": 9.0, "stnjax_2": stnjax_s, "torch": torch_s}}
                    for b in (256, 128)]}
@@ -35,6 +35,8 @@ def test_block_per_cpu_model_from_the_data_parallel_column():
   amd, intel = text.split("**Intel Xeon**")
   assert "**AMD EPYC**" in amd and "off.json" not in text and "glibc.json" not in text
   assert "| RTS cnn | 0.500 | 0.250 | 0.50 | 0.500 | 0.250 | 0.50 |" in intel
+  assert ("Training step, SGD, on 2 CPU(s): stnjax on 2 device(s), torch on 2 thread(s) "
+          "(`a.json`):") in intel
   assert "| RTS cnn | 0.200 | 0.300 | 1.50 | 0.200 | 0.300 | 1.50 |" in amd
   rows = [line for line in amd.splitlines() if line.startswith("| 256x28x28x1")]
   assert rows == ["| 256x28x28x1 | 2 | 0.50 | 0.50 | 0.50 | 0.50 |",

@@ -56,6 +56,10 @@ JOBS = (
         env=(("GLIBC_TUNABLES", ""),)),
     Job("paper_models_tc", "", "bench_paper_models",
         ("--layouts", "TC", "--rounds", "7", "--steps", "3")),
+    # One core each, at one device's share of the batch: how the step compares per core.
+    Job("paper_models", "_one_core_b64", "bench_paper_models",
+        ("--cpu_devices", "1", "--torch_threads", "1", "--batch_sizes", "64", "--rounds", "7",
+         "--steps", "3"), one_core=True),
     Job("sampler", "", "bench_sampler", ()),
     Job("sampler", "_one_core", "bench_sampler", (), one_core=True),
     Job("loop_overhead", "", "bench_loop_overhead", ()),

@@ -17,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import re
 
 from scripts import make_table
 from scripts.bench import timing
@@ -50,6 +51,14 @@ def paper_models_table(results):
       cells.append(f"{stnjax_s:.3f} | {torch_s:.3f} | {torch_s / stnjax_s:.2f}")
     lines.append(f"| {model} | {' | '.join(cells)} |")
   return lines
+
+
+def paper_models_setup(results):
+  """"on 2 CPUs: stnjax on 2 devices, torch on 2 threads" from a `bench_paper_models` file."""
+  threads = re.search(r"(\d+) threads?\)", results.get("torch", ""))
+  torch_part = f", torch on {threads.group(1)} thread(s)" if threads else ""
+  return (f"on {_cpus_available(results['provenance'])} CPU(s): stnjax on {results['devices']} "
+          f"device(s){torch_part}")
 
 
 def sampler_table(files):
@@ -88,8 +97,8 @@ def block(paper_files, sampler_files):
     versions = {f"jax {r['provenance']['jax']}" for _, r in files["paper"] + files["sampler"]}
     lines += [f"**{cpu}** ({', '.join(sorted(versions))})", ""]
     for path, results in files["paper"]:
-      lines += [f"Training step, SGD, stnjax on {results['devices']} CPU device(s) "
-                f"(`{path}`):", ""] + paper_models_table(results) + [""]
+      lines += [f"Training step, SGD, {paper_models_setup(results)} (`{path}`):", ""]
+      lines += paper_models_table(results) + [""]
     if files["sampler"]:
       paths = ", ".join(f"`{path}`" for path, _ in files["sampler"])
       lines += [f"`grid_sample`, batch 256, bilinear, affine warp; ratios ({paths}):", ""]
