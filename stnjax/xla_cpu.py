@@ -6,9 +6,10 @@ the paper models' 7x7, 86-channel convolution well below the speed of XLA's
 own (Eigen) convolution. `FLAGS` takes convolutions out of
 YNNPACK's share and leaves it the dot products. When a process trains data
 parallel over several CPU devices (one per core, as scripts/run.sh does),
-`DATA_PARALLEL_FLAGS` also keeps each device's matrix products and
-convolutions on its own thread instead of sharing Eigen's thread pool with
-the other devices. XLA reads its flags once, when JAX starts its CPU
+`DATA_PARALLEL_FLAGS` also asks XLA for single-threaded Eigen operations,
+so that the devices do not split them over the thread pool they share; in
+jaxlib 0.10.2 an Eigen convolution's contraction is still split
+(docs/performance.md, "Two devices on two cores"). XLA reads its flags once, when JAX starts its CPU
 backend, so `configure()` must run before the first JAX computation:
 stnjax's scripts call it first thing; a library user calls it the same way,
 or sets `XLA_FLAGS` themselves.
@@ -35,7 +36,7 @@ import warnings
 # Removes "individual_convolution" from XLA:CPU's YNNPACK fusion types.
 YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 FLAGS = (f"{YNNPACK_FLAG}=-individual_convolution",)
-# With several CPU devices: each device's Eigen operations on one thread.
+# With several CPU devices: asks for single-threaded Eigen operations.
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
 DATA_PARALLEL_FLAGS = (f"{EIGEN_FLAG}=false",)
 # The first jaxlib measured with them; older ones may not know the flag, and
