@@ -9,10 +9,10 @@ parallel over several CPU devices (one per core, as scripts/run.sh does),
 `DATA_PARALLEL_FLAGS` also asks XLA for single-threaded Eigen operations,
 so that the devices do not split them over the thread pool they share; in
 jaxlib 0.10.2 an Eigen convolution's contraction is still split
-(docs/performance.md, "Two devices on two cores"). XLA reads its flags once, when JAX starts its CPU
-backend, so `configure()` must run before the first JAX computation:
-stnjax's scripts call it first thing; a library user calls it the same way,
-or sets `XLA_FLAGS` themselves.
+(docs/performance.md, "Two devices on two cores"). XLA reads its flags
+once, when JAX starts its CPU backend, so `configure()` must run before
+the first JAX computation: stnjax's scripts call it first thing; a library
+user calls it the same way, or sets `XLA_FLAGS` themselves.
 
 `layers.conv_general_dilated` picks its CPU form from `convolution_form()`:
 with `FLAGS` in effect XLA's convolution computes the forward pass and the

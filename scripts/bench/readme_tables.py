@@ -54,7 +54,7 @@ def paper_models_table(results):
 
 
 def paper_models_setup(results):
-  """"on 2 CPUs: stnjax on 2 devices, torch on 2 threads" from a `bench_paper_models` file."""
+  """A table heading's setup: the run's CPUs, stnjax's devices and torch's threads."""
   threads = re.search(r"(\d+) threads?\)", results.get("torch", ""))
   torch_part = f", torch on {threads.group(1)} thread(s)" if threads else ""
   return (f"on {_cpus_available(results['provenance'])} CPU(s): stnjax on {results['devices']} "
