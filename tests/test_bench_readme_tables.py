@@ -18,9 +18,9 @@ def _paper(cpu, flags_on, stnjax_s, torch_s, glibc_tunables="glibc.malloc.hugetl
                    for b in (256, 128)]}
 
 
-def _sampler(cpu, cpus, ratio):
+def _sampler(cpu, cpus, ratio, xla_flags=None):
   return {"provenance": {"cpu_model": cpu, "cpu_count": 2, "cpus_available": cpus,
-                         "jax": "0.10.2"},
+                         "jax": "0.10.2", "xla_flags": xla_flags},
           "rows": [{"shape": "256x28x28x1", "workload": w, "ratio_torch_over_stnjax": ratio}
                    for w in readme_tables.SAMPLER_WORKLOADS]}
 
@@ -31,9 +31,11 @@ def test_block_per_cpu_model_from_the_data_parallel_column():
        ("off.json", _paper("Intel Xeon", False, 0.1, 0.9)),  # Flags off: not how we train.
        ("glibc.json", _paper("Intel Xeon", True, 0.1, 0.9, "")),  # Nor glibc's defaults.
        ("b.json", _paper("AMD EPYC", True, 0.2, 0.3))],
-      [("s2.json", _sampler("AMD EPYC", 2, 0.5)), ("s1.json", _sampler("AMD EPYC", 1, 1.25))])
+      [("s2.json", _sampler("AMD EPYC", 2, 0.5)), ("s1.json", _sampler("AMD EPYC", 1, 1.25)),
+       ("flags.json", _sampler("AMD EPYC", 2, 9.0, xla_flags="--xla_cpu_prefer_vector_width=512"))])
   amd, intel = text.split("**Intel Xeon**")
   assert "**AMD EPYC**" in amd and "off.json" not in text and "glibc.json" not in text
+  assert "flags.json" not in text  # The sampler table: the library as imported.
   assert "| RTS cnn | 0.500 | 0.250 | 0.50 | 0.500 | 0.250 | 0.50 |" in intel
   assert ("Training step, SGD, on 2 CPU(s): stnjax on 2 device(s), torch on 2 thread(s) "
           "(`a.json`):") in intel

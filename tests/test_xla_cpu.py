@@ -58,7 +58,8 @@ def unset():
 def test_configure_before_start_appends_the_flag_and_xla_accepts_it(unset):
   got = run_probe(xla_flags="--xla_cpu_enable_fast_math=false")
   assert got["configured"] and got["in_effect"] and got["form"] == "xla"
-  assert got["xla_flags"].split() == ["--xla_cpu_enable_fast_math=false", *xla_cpu.FLAGS]
+  assert got["xla_flags"].split() == ["--xla_cpu_enable_fast_math=false", *xla_cpu.FLAGS,
+                                      *xla_cpu.VECTOR_FLAGS]
   assert got["warnings"] == []
   # Same convolution, other CPU form and library: float32 round-off apart.
   assert got["loss"] == pytest.approx(unset["loss"], rel=1e-5)
@@ -68,11 +69,16 @@ def test_configure_before_start_appends_the_flag_and_xla_accepts_it(unset):
 def test_configure_with_several_cpu_devices_adds_the_eigen_flag(unset):
   got = run_probe(cpu_devices=2)
   assert got["configured"] and got["in_effect"]
-  assert got["xla_flags"].split() == [*xla_cpu.FLAGS, *xla_cpu.DATA_PARALLEL_FLAGS]
+  assert got["xla_flags"].split() == [*xla_cpu.FLAGS, *xla_cpu.VECTOR_FLAGS,
+                                      *xla_cpu.DATA_PARALLEL_FLAGS]
   assert got["loss"] == pytest.approx(unset["loss"], rel=1e-5)
   # A user's own Eigen threading is kept.
   got = run_probe(xla_flags=f"{xla_cpu.EIGEN_FLAG}=true", cpu_devices=2)
-  assert got["xla_flags"].split() == [f"{xla_cpu.EIGEN_FLAG}=true", *xla_cpu.FLAGS]
+  assert got["xla_flags"].split() == [f"{xla_cpu.EIGEN_FLAG}=true", *xla_cpu.FLAGS,
+                                      *xla_cpu.VECTOR_FLAGS]
+  # So is a user's own vector width.
+  got = run_probe(xla_flags=f"{xla_cpu.VECTOR_FLAG}=256")
+  assert got["xla_flags"].split() == [f"{xla_cpu.VECTOR_FLAG}=256", *xla_cpu.FLAGS]
 
 
 def test_configure_after_start_warns_and_changes_nothing(unset):

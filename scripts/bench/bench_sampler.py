@@ -30,7 +30,11 @@ defaults, under which large outputs can land in fresh 4 KiB pages).
 diagnostic for a machine that runs the benchmark at two speeds
 (`timing.pin_xla_worker_threads`).
 
+--xla_cpu_flags on calls `stnjax.xla_cpu.configure()` first, as the
+training scripts do; off (the default) measures the library as imported.
+
   python -m scripts.bench.bench_sampler [--out results/bench/sampler.json] [--pin-xla-threads]
+      [--xla_cpu_flags on]
 """
 
 import argparse
@@ -149,7 +153,12 @@ def main():
   parser.add_argument("--pin-xla-threads", action="store_true",
                       help="diagnostic: pin XLA:CPU's worker threads one per CPU "
                            "(timing.pin_xla_worker_threads; torch's threads are left as they are)")
+  parser.add_argument("--xla_cpu_flags", choices=("off", "on"), default="off",
+                      help="on: stnjax.xla_cpu.configure() first, as the training scripts do "
+                           "(off: the library as imported)")
   args = parser.parse_args()
+  if args.xla_cpu_flags == "on":
+    stnjax.xla_cpu.configure()  # Before the backend starts (jax.devices() below).
 
   rng = np.random.default_rng(0)
   device = jax.devices()[0]

@@ -6,7 +6,8 @@
 Reads `results/bench/paper_models_*.json` (`bench_paper_models`, only runs
 as the training scripts run: `stnjax.xla_cpu` flags in effect, glibc's
 huge-page tunable set) and
-`results/bench/sampler_*.json` (`bench_sampler`), groups them by the CPU
+`results/bench/sampler_*.json` (`bench_sampler`, only runs without
+`XLA_FLAGS`: the library as imported), groups them by the CPU
 model in their provenance and writes, per CPU, the paper-size training step
 and the sampler against torch (ratio = torch time / stnjax time, > 1:
 stnjax faster), naming the files the numbers come from.
@@ -91,6 +92,8 @@ def block(paper_files, sampler_files):
         and results["provenance"].get("glibc_tunables") == xla_cpu.GLIBC_TUNABLES):
       by_cpu[results["provenance"]["cpu_model"]]["paper"].append((path, results))
   for path, results in sampler_files:
+    if results["provenance"].get("xla_flags"):  # The library as imported, without XLA flags.
+      continue
     by_cpu[results["provenance"]["cpu_model"]]["sampler"].append((path, results))
   lines = []
   for cpu, files in sorted(by_cpu.items()):
