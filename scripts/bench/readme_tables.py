@@ -104,7 +104,8 @@ def block(paper_files, sampler_files):
       lines += paper_models_table(results) + [""]
     if files["sampler"]:
       paths = ", ".join(f"`{path}`" for path, _ in files["sampler"])
-      lines += [f"`grid_sample`, batch 256, bilinear, affine warp; ratios ({paths}):", ""]
+      lines += [f"`grid_sample`, batch 256, bilinear, affine warp, without XLA flags; ratios "
+                f"({paths}):", ""]
       lines += sampler_table(files["sampler"]) + [""]
   return "\n".join(lines).rstrip("\n")
 
