@@ -7,10 +7,10 @@ own (Eigen) convolution. `FLAGS` takes convolutions out of
 YNNPACK's share and leaves it the dot products. `VECTOR_FLAGS` lets the
 loops XLA emits use 512-bit vectors where the CPU has them (on the Intel
 Xeon measured, the sampler's loop ran up to 2.4x faster; docs/performance.md).
-When a process trains data
-parallel over several CPU devices (one per core, as scripts/run.sh does),
-`DATA_PARALLEL_FLAGS` also asks XLA for single-threaded Eigen operations,
-so that the devices do not split them over the thread pool they share; in
+When a process trains data parallel over several CPU devices (one per
+core, as scripts/run.sh does), `DATA_PARALLEL_FLAGS` also asks XLA for
+single-threaded Eigen operations, so that the devices do not split them
+over the thread pool they share; in
 jaxlib 0.10.2 an Eigen convolution's contraction is still split
 (docs/performance.md, "Two devices on two cores"). XLA reads its flags
 once, when JAX starts its CPU backend, so `configure()` must run before

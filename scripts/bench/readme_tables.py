@@ -92,7 +92,7 @@ def block(paper_files, sampler_files):
         and results["provenance"].get("glibc_tunables") == xla_cpu.GLIBC_TUNABLES):
       by_cpu[results["provenance"]["cpu_model"]]["paper"].append((path, results))
   for path, results in sampler_files:
-    if results["provenance"].get("xla_flags"):  # The library as imported, without XLA flags.
+    if results["provenance"].get("xla_flags"):  # The table shows the library as imported.
       continue
     by_cpu[results["provenance"]["cpu_model"]]["sampler"].append((path, results))
   lines = []
