@@ -65,6 +65,9 @@ JOBS = (
     Job("sampler", "_xla_cpu_flags", "bench_sampler", ("--xla_cpu_flags", "on")),
     Job("sampler", "_one_core_xla_cpu_flags", "bench_sampler", ("--xla_cpu_flags", "on"),
         one_core=True),
+    # How XLA emits the sampler's gathers (no timing).
+    Job("loop_anatomy_sampler", "", "loop_anatomy", ()),
+    Job("loop_anatomy_sampler", "_xla_cpu_flags", "loop_anatomy", ("--xla_cpu_flags", "on")),
     Job("loop_overhead", "", "bench_loop_overhead", ()),
     Job("loop_overhead", "_one_core", "bench_loop_overhead", (), one_core=True),
     Job("ablations_sampler", "", "bench_ablations", ("--rows", "256x", "--rounds", "9")),
