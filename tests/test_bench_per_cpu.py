@@ -38,6 +38,8 @@ def test_jobs_reproduce_the_committed_results_commands():
     assert (provenance["cpus_available"] == 1) == job.one_core, path
     if "GLIBC_TUNABLES" in dict(job.env):
       assert provenance["glibc_tunables"] == dict(job.env)["GLIBC_TUNABLES"], path
+    if job.guest_halt_poll_ns is not None:
+      assert provenance["cpu_idle"]["guest_halt_poll_ns"] == job.guest_halt_poll_ns, path
 
 
 def test_only_rejects_an_unknown_job_name(capsys):
@@ -105,3 +107,30 @@ def test_a_job_with_environment_settings_runs_and_prints_with_them(monkeypatch, 
   assert "OMP_NUM_THREADS" not in kwargs["env"] and kwargs["preexec_fn"] is None  # Not one-core.
   assert capsys.readouterr().out.splitlines()[-1].startswith(
       "== paper_models_glibc_defaults: GLIBC_TUNABLES='' python -m scripts.bench.bench_paper_models")
+
+
+def test_a_halt_poll_job_sets_the_parameter_for_its_run_and_restores_it(monkeypatch, tmp_path):
+  parameter = tmp_path / "guest_halt_poll_ns"
+  parameter.write_text("0\n")
+  monkeypatch.setattr(per_cpu, "HALT_POLL_PARAMETER", str(parameter))
+  monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+  seen = []
+
+  class Done:
+    returncode = 0
+
+  monkeypatch.setattr(per_cpu.subprocess, "run",
+                      lambda argv, **kw: seen.append(parameter.read_text()) or Done())
+  job = next(j for j in per_cpu.JOBS if j.name() == "sampler_halt_poll")
+  assert per_cpu.run(job, "intel_xeon", 0, max_load=0.5)
+  assert seen == [str(per_cpu.HALT_POLL_NS)]
+  assert parameter.read_text() == "0"
+
+
+def test_a_halt_poll_job_fails_clearly_without_the_parameter(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(per_cpu, "HALT_POLL_PARAMETER", str(tmp_path / "missing"))
+  monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+  monkeypatch.setattr(per_cpu.subprocess, "run", lambda *a, **kw: pytest.fail("ran anyway"))
+  job = next(j for j in per_cpu.JOBS if j.name() == "loop_overhead_halt_poll")
+  assert not per_cpu.run(job, "intel_xeon", 0, max_load=0.5)
+  assert "loop_overhead_halt_poll needs to set" in capsys.readouterr().err

@@ -30,12 +30,15 @@ def test_block_per_cpu_model_from_the_data_parallel_column():
       [("a.json", _paper("Intel Xeon", True, 0.5, 0.25)),
        ("off.json", _paper("Intel Xeon", False, 0.1, 0.9)),  # Flags off: not how we train.
        ("glibc.json", _paper("Intel Xeon", True, 0.1, 0.9, "")),  # Nor glibc's defaults.
-       ("b.json", _paper("AMD EPYC", True, 0.2, 0.3))],
+       ("b.json", _paper("AMD EPYC", True, 0.2, 0.3)),
+       ("p_halt_poll.json", _paper("AMD EPYC", True, 0.1, 0.9))],  # The machine changed.
       [("s2.json", _sampler("AMD EPYC", 2, 0.5)), ("s1.json", _sampler("AMD EPYC", 1, 1.25)),
-       ("flags.json", _sampler("AMD EPYC", 2, 9.0, xla_flags="--xla_cpu_prefer_vector_width=512"))])
+       ("flags.json", _sampler("AMD EPYC", 2, 9.0, xla_flags="--xla_cpu_prefer_vector_width=512")),
+       ("s_halt_poll.json", _sampler("AMD EPYC", 2, 9.0))])
   amd, intel = text.split("**Intel Xeon**")
   assert "**AMD EPYC**" in amd and "off.json" not in text and "glibc.json" not in text
   assert "flags.json" not in text  # The sampler table: the library as imported.
+  assert "halt_poll" not in text  # Nor runs with the idle CPUs' setting changed.
   assert "| RTS cnn | 0.500 | 0.250 | 0.50 | 0.500 | 0.250 | 0.50 |" in intel
   assert ("Training step, SGD, on 2 CPU(s): stnjax on 2 device(s), torch on 2 thread(s) "
           "(`a.json`):") in intel

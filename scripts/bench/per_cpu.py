@@ -11,8 +11,11 @@ Before each benchmark it waits for the 1-minute load average to fall below
 --max_load: a timing needs a quiet machine. One-core jobs run pinned to the
 first CPU this process may use, with `OMP_NUM_THREADS=1` for torch; a job
 may set environment variables of its own (`Job.env`: glibc's defaults for
-the comparison run of the paper models). A failed benchmark is reported
-and the rest still run (exit status 1).
+the comparison run of the paper models), and on a KVM guest with Linux's
+`haltpoll` idle driver how long an idle CPU polls before it halts
+(`Job.guest_halt_poll_ns`, as root; restored afterwards): the same machine
+with idle CPUs that wake quickly. A failed benchmark is reported and the
+rest still run (exit status 1).
 
 Each file's provenance names the commit; files of a CPU already measured are
 overwritten, so the tree is modified ("-dirty") for the jobs after the
@@ -40,6 +43,8 @@ class Job(NamedTuple):
   args: tuple[str, ...]
   one_core: bool = False
   env: tuple[tuple[str, str], ...] = ()  # Environment variables set for the run.
+  # The haltpoll driver's guest_halt_poll_ns for the run (None: as the machine has it).
+  guest_halt_poll_ns: int | None = None
 
   def name(self) -> str:
     return self.prefix + self.suffix
@@ -48,12 +53,18 @@ class Job(NamedTuple):
     return f"results/bench/{self.prefix}_{slug}{self.suffix}.json"
 
 
+# Linux's default for the haltpoll driver (drivers/cpuidle/cpuidle-haltpoll.c).
+HALT_POLL_NS = 200_000
+HALT_POLL_PARAMETER = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
 JOBS = (
     Job("paper_models", "", "bench_paper_models", ("--rounds", "7", "--steps", "3")),
     Job("paper_models", "_xla_flags_off", "bench_paper_models",
         ("--rounds", "7", "--steps", "3", "--xla_cpu_flags", "off")),
     Job("paper_models", "_glibc_defaults", "bench_paper_models", ("--rounds", "7", "--steps", "3"),
         env=(("GLIBC_TUNABLES", ""),)),
+    Job("paper_models", readme_tables.HALT_POLL_SUFFIX, "bench_paper_models",
+        ("--rounds", "7", "--steps", "3"), guest_halt_poll_ns=HALT_POLL_NS),
     Job("paper_models_tc", "", "bench_paper_models",
         ("--layouts", "TC", "--rounds", "7", "--steps", "3")),
     # One core each, at one device's share of the batch: how the step compares per core.
@@ -63,6 +74,9 @@ JOBS = (
     Job("sampler", "", "bench_sampler", ()),
     Job("sampler", "_one_core", "bench_sampler", (), one_core=True),
     Job("sampler", "_xla_cpu_flags", "bench_sampler", ("--xla_cpu_flags", "on")),
+    # Idle CPUs that poll for Linux's default 200 us before halting.
+    Job("sampler", readme_tables.HALT_POLL_SUFFIX, "bench_sampler", (),
+        guest_halt_poll_ns=HALT_POLL_NS),
     Job("sampler", "_one_core_xla_cpu_flags", "bench_sampler", ("--xla_cpu_flags", "on"),
         one_core=True),
     # How XLA emits the sampler's gathers (no timing).
@@ -70,6 +84,8 @@ JOBS = (
     Job("loop_anatomy_sampler", "_xla_cpu_flags", "loop_anatomy", ("--xla_cpu_flags", "on")),
     Job("loop_overhead", "", "bench_loop_overhead", ()),
     Job("loop_overhead", "_one_core", "bench_loop_overhead", (), one_core=True),
+    Job("loop_overhead", readme_tables.HALT_POLL_SUFFIX, "bench_loop_overhead", (),
+        guest_halt_poll_ns=HALT_POLL_NS),
     Job("ablations_sampler", "", "bench_ablations", ("--rows", "256x", "--rounds", "9")),
     Job("ablations_conv", "", "bench_ablations",
         ("--rows", "conv ", "--rounds", "3", "--repeats", "3", "--xla_cpu_flags", "off")),
@@ -109,6 +125,8 @@ def shell_line(job: Job, slug: str, cpu: int) -> str:
   """The command as one would type it in a shell."""
   prefix = f"OMP_NUM_THREADS=1 taskset -c {cpu} " if job.one_core else ""
   prefix += "".join(f"{name}={shlex.quote(value)} " for name, value in job.env)
+  if job.guest_halt_poll_ns is not None:
+    prefix = f"(with {HALT_POLL_PARAMETER} = {job.guest_halt_poll_ns}) " + prefix
   return prefix + shlex.join(command(job, slug))
 
 
@@ -124,7 +142,24 @@ def run(job: Job, slug: str, cpu: int, max_load: float) -> bool:
   argv = [sys.executable, *command(job, slug)[1:]]
   env = dict(os.environ, **dict(job.env), **({"OMP_NUM_THREADS": "1"} if job.one_core else {}))
   pin = (lambda: os.sched_setaffinity(0, {cpu})) if job.one_core else None
-  return subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin, check=False).returncode == 0
+  if job.guest_halt_poll_ns is None:
+    return subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin,
+                          check=False).returncode == 0
+  try:
+    with open(HALT_POLL_PARAMETER, "r+", encoding="ascii") as parameter:
+      machine_value = parameter.read().strip()
+      parameter.seek(0)
+      parameter.write(str(job.guest_halt_poll_ns))
+  except OSError as error:
+    print(f"{job.name()} needs to set {HALT_POLL_PARAMETER} (root, a KVM guest with the "
+          f"haltpoll idle driver): {error}", file=sys.stderr)
+    return False
+  try:
+    return subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin,
+                          check=False).returncode == 0
+  finally:
+    with open(HALT_POLL_PARAMETER, "w", encoding="ascii") as parameter:
+      parameter.write(machine_value)
 
 
 def parse_args(argv=None):
