@@ -24,6 +24,7 @@ first: commit, or run the jobs one by one with --only, to keep it clean.
 
 import argparse
 import os
+import pathlib
 import re
 import shlex
 import subprocess
@@ -142,24 +143,22 @@ def run(job: Job, slug: str, cpu: int, max_load: float) -> bool:
   argv = [sys.executable, *command(job, slug)[1:]]
   env = dict(os.environ, **dict(job.env), **({"OMP_NUM_THREADS": "1"} if job.one_core else {}))
   pin = (lambda: os.sched_setaffinity(0, {cpu})) if job.one_core else None
+  benchmark = lambda: subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin,
+                                     check=False).returncode == 0
   if job.guest_halt_poll_ns is None:
-    return subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin,
-                          check=False).returncode == 0
+    return benchmark()
+  parameter = pathlib.Path(HALT_POLL_PARAMETER)
   try:
-    with open(HALT_POLL_PARAMETER, "r+", encoding="ascii") as parameter:
-      machine_value = parameter.read().strip()
-      parameter.seek(0)
-      parameter.write(str(job.guest_halt_poll_ns))
+    machine_value = parameter.read_text(encoding="ascii").strip()
+    parameter.write_text(str(job.guest_halt_poll_ns), encoding="ascii")
   except OSError as error:
     print(f"{job.name()} needs to set {HALT_POLL_PARAMETER} (root, a KVM guest with the "
           f"haltpoll idle driver): {error}", file=sys.stderr)
     return False
   try:
-    return subprocess.run(argv, cwd=timing.ROOT, env=env, preexec_fn=pin,
-                          check=False).returncode == 0
+    return benchmark()
   finally:
-    with open(HALT_POLL_PARAMETER, "w", encoding="ascii") as parameter:
-      parameter.write(machine_value)
+    parameter.write_text(machine_value, encoding="ascii")
 
 
 def parse_args(argv=None):
