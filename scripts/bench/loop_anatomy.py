@@ -97,6 +97,7 @@ def points_per_iteration(loop: list[Instruction]) -> int | None:
 
 
 def kind(ins: Instruction) -> str:
+  """The kind `ins` is counted as (the module docstring's list)."""
   name = ins.mnemonic
   if name.startswith(GATHERS):
     return "hardware gathers"
