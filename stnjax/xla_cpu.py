@@ -1,21 +1,21 @@
 """The XLA:CPU settings stnjax's scripts use, and the one place that reads them.
 
 jaxlib 0.10 hands every convolution to YNNPACK on CPU; on the CPUs measured
-(docs/performance.md names them and gives the measurement), YNNPACK runs
-the paper models' 7x7, 86-channel convolution well below the speed of XLA's
-own (Eigen) convolution. `FLAGS` takes convolutions out of
-YNNPACK's share and leaves it the dot products. `VECTOR_FLAGS` lets the
-loops XLA emits use 512-bit vectors where the CPU has them (on the Intel
-Xeon measured, the sampler's loop ran up to 2.4x faster; docs/performance.md).
-When a process trains data parallel over several CPU devices (one per
-core, as scripts/run.sh does), `DATA_PARALLEL_FLAGS` also asks XLA for
-single-threaded Eigen operations, so that the devices do not split them
-over the thread pool they share; in
-jaxlib 0.10.2 an Eigen convolution's contraction is still split
-(docs/performance.md, "Two devices on two cores"). XLA reads its flags
-once, when JAX starts its CPU backend, so `configure()` must run before
-the first JAX computation: stnjax's scripts call it first thing; a library
-user calls it the same way, or sets `XLA_FLAGS` themselves.
+(docs/performance.md names them and gives the measurement), YNNPACK runs the
+paper models' 7x7, 86-channel convolution well below the speed of XLA's own
+(Eigen) convolution. `FLAGS` takes convolutions out of YNNPACK's share and
+leaves it the dot products. `VECTOR_FLAGS` lets the loops XLA emits use
+512-bit vectors where the CPU has them (on the Intel Xeon measured, the
+sampler's loop ran about twice as fast at 60x60 on one core;
+docs/performance.md). When a process trains data parallel over several CPU
+devices (one per core, as scripts/run.sh does), `DATA_PARALLEL_FLAGS` also
+asks XLA for single-threaded Eigen operations, so that the devices do not
+split them over the thread pool they share; in jaxlib 0.10.2 an Eigen
+convolution's contraction is still split (docs/performance.md, "Two devices
+on two cores"). XLA reads its flags once, when JAX starts its CPU backend,
+so `configure()` must run before the first JAX computation: stnjax's scripts
+call it first thing; a library user calls it the same way, or sets
+`XLA_FLAGS` themselves.
 
 `layers.conv_general_dilated` picks its CPU form from `convolution_form()`:
 with `FLAGS` in effect XLA's convolution computes the forward pass and the

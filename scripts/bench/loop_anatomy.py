@@ -2,7 +2,7 @@
 
 Compiles `stnjax.grid_sample` on a precomputed grid (batch 256, 28x28, one
 channel: the row-pair loop, docs/performance.md) with XLA's dump
-(`--xla_dump_to`, a temporary directory), disassembles the fusion with the
+(`--xla_dump_to`, a temporary directory), disassembles the kernel with the
 most instructions (`objdump -d`), and counts the instructions of its
 innermost loop (the backward jump spanning the most instructions) by kind:
 
