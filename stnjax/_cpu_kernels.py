@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stnjax import _cpu_ffi
 from stnjax import _interp as interp
 
 
@@ -39,6 +40,11 @@ class CpuOptions(NamedTuple):
   The defaults are what `stnjax.grid_sample` uses; tests and benchmarks pass
   others to `sampling.grid_sample_with_options`.
   """
+  # The C++ kernel for the forward pass of single-channel 2-D bilinear
+  # float32 sampling with zeros or border padding (`_cpu_ffi`), where it is
+  # available: "auto" (the best instruction set the CPU has), a cap
+  # ("avx512", "avx2", "scalar"), or "off" (the jnp paths below).
+  sampler_kernel: str = "auto"
   # Gather/scatter with the example offset folded into a flat index (else
   # the accelerators' batched form, `operand_batching_dims`).
   flat_batch: bool = True
@@ -378,8 +384,15 @@ def grid_vjp_chunked(image, grid, cotangent, spec: interp.Spec, chunks: int, coo
   return image_bar, grid_bar
 
 
-def forward(image, coords, spec: interp.Spec, options: CpuOptions):
-  """CPU sampling of `image (N, S[, C])` at pixel `coords`: `interp.sample` or row pairs."""
+def forward(image, grid, spec: interp.Spec, options: CpuOptions):
+  """CPU sampling of `image (N, S[, C])` at the normalised `grid (G, P, ndim)`.
+
+  The C++ kernel where it applies (`_cpu_ffi.applies`), else
+  `interp.sample` or row pairs at the grid's pixel coordinates.
+  """
+  if _cpu_ffi.applies(image, spec, options.sampler_kernel):
+    return _cpu_ffi.sample(image, grid, spec, options.sampler_kernel)
+  coords = interp.pixel_coordinates(interp.grid_planes(grid), spec)
   spec = spec._replace(flat_batch=options.flat_batch)
   if not uses_row_pairs(image, spec, options):
     return interp.sample(image, coords, spec)

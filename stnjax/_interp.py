@@ -314,6 +314,16 @@ def sample_vjp(image, coords, cotangent, spec: Spec, image_bar, first=0,
   return image_bar, coords_bar
 
 
+def grid_planes(grid: jax.Array) -> tuple[jax.Array, ...]:
+  """`grid (G, P, ndim)` -> `ndim` planes `(G, P)`, in grid-column order (x, y[, z]).
+
+  `lax.split`, whose transpose is a concatenate that XLA folds into the
+  grid's own stack; `grid[..., k]` transposes to pads that XLA:CPU
+  materialised.
+  """
+  return tuple(p[..., 0] for p in jax.lax.split(grid, (1,) * grid.shape[-1], axis=2))
+
+
 def pixel_coordinates(grid: tuple[jax.Array, ...], spec: Spec, with_slopes: bool = False):
   """Normalised grid planes -> pixel-coordinate planes, one per array axis.
 

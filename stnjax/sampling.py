@@ -85,17 +85,18 @@ PADDING_MODES = ("zeros", "border", "reflection")
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _interpolate(image, grid, spec: _interp.Spec, options: CpuOptions):
-  """Samples `image (N, prod(spatial)[, C])` at normalised grid planes.
+  """Samples `image (N, prod(spatial)[, C])` at the normalised `grid (G, P, ndim)`.
 
-  `grid` holds `ndim` planes `(G, P)`, in grid-column order (x, y[, z]).
   Returns `(max(G, N), P[, C])` (no C for a single-channel image). The VJP is
   hand-written (see the module docstring); it is itself differentiable, so
   higher orders work. `options` tunes the CPU paths only.
   """
-  coords = _interp.pixel_coordinates(grid, spec)
+  def default(image, grid):
+    return _interp.sample(image, _interp.pixel_coordinates(_interp.grid_planes(grid), spec), spec)
+
   return jax.lax.platform_dependent(
-      image, coords, cpu=functools.partial(_cpu_kernels.forward, spec=spec, options=options),
-      default=functools.partial(_interp.sample, spec=spec))
+      image, grid, cpu=functools.partial(_cpu_kernels.forward, spec=spec, options=options),
+      default=default)
 
 
 def _interpolate_fwd(image, grid, spec, options):
@@ -105,11 +106,13 @@ def _interpolate_fwd(image, grid, spec, options):
 def _interpolate_bwd(spec, options, residuals, cotangent):
   image, grid = residuals
 
-  def whole(image, grid, cotangent):  # Accelerators: the whole batch, batched gathers.
-    return _interp.grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image))
+  def whole(image, planes, cotangent):  # Accelerators: the whole batch, batched gathers.
+    return _interp.grid_vjp(image, planes, cotangent, spec, jnp.zeros_like(image))
 
   cpu = functools.partial(_cpu_kernels.backward, spec=spec, options=options)
-  return jax.lax.platform_dependent(image, grid, cotangent, cpu=cpu, default=whole)
+  image_bar, planes_bar = jax.lax.platform_dependent(
+      image, _interp.grid_planes(grid), cotangent, cpu=cpu, default=whole)
+  return image_bar, jnp.stack(planes_bar, axis=-1)
 
 
 _interpolate.defvjp(_interpolate_fwd, _interpolate_bwd)
@@ -222,10 +225,6 @@ def grid_sample_with_options(image: jax.Array, grid: jax.Array, *, mode: str = "
     grid = jnp.broadcast_to(grid, batch + out_core)
   image = image.astype(dtype).reshape((num_images, -1) + ((channels,) if channels > 1 else ()))
   grid = grid.astype(dtype).reshape(num_grids, -1, ndim)
-  # Separate planes (see _interp.sample). lax.split, whose transpose is a concatenate
-  # that XLA folds into the grid's own stack; `grid[..., k]` transposes to
-  # pads that XLA:CPU materialised.
-  planes = tuple(p[..., 0] for p in jax.lax.split(grid, (1,) * ndim, axis=2))
   spec = _interp.Spec(tuple(spatial), mode, padding_mode, align_corners)
-  out = _interpolate(image, planes, spec, cpu_options)  # (max(G, N), P[, C])
+  out = _interpolate(image, grid, spec, cpu_options)  # (max(G, N), P[, C])
   return out.reshape(out_shape)

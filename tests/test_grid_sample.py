@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from jax.test_util import check_grads
 
 import stnjax
+from stnjax import _cpu_ffi
 from stnjax import _cpu_kernels
 from stnjax import _interp
 from stnjax import sampling
@@ -883,9 +884,16 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
   for fn, args in ((sample, (image, theta)),
                    (jax.grad(loss, argnums=(0, 1)), (image, theta, image))):
     for platform in ("cuda", "rocm", "tpu", "cpu"):
-      module = jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+      # On CPU a single-channel forward pass is the C++ kernel (tests/test_cpu_ffi.py).
+      kernel = platform == "cpu" and fn is sample and shape[-1] == 1 and _cpu_ffi.status().available
+      checks = [jax.export.DisabledSafetyCheck.custom_call(_cpu_ffi.TARGET)] if kernel else []
+      module = jax.export.export(jax.jit(fn), platforms=(platform,),
+                                 disabled_checks=checks)(*args).mlir_module()
+      assert (_cpu_ffi.TARGET in module) == kernel, platform
       indexing = re.findall(r'"stablehlo\.(?:gather|scatter)".*?dimension_numbers = ([^>]*>)',
                             module)
+      if kernel:
+        continue
       assert indexing, platform
       is_batched = [any(b in numbers for b in batched) for numbers in indexing]
       if platform == "cpu":
@@ -903,8 +911,11 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
 # the grid cotangent (_cpu_kernels.image_pairs_coords_vjp); with `pair_table`
 # both read complex pairs from a table of adjacent pixels instead
 # (sample_row_pairs, row_pairs_coords_vjp).
-FOUR_TAPS = CpuOptions(row_pairs=False)
-PAIR_SOURCES = {"image": CpuOptions(), "table": CpuOptions(pair_table=True)}
+# Their forward pass in float32 is the C++ kernel's unless it is switched off
+# (tests/test_cpu_ffi.py compares the two).
+NO_KERNEL = CpuOptions(sampler_kernel="off")
+FOUR_TAPS = NO_KERNEL._replace(row_pairs=False)
+PAIR_SOURCES = {"image": NO_KERNEL, "table": NO_KERNEL._replace(pair_table=True)}
 
 
 def uses_row_pairs(image, grid, **kwargs):
@@ -951,12 +962,14 @@ def test_row_pair_output_is_not_copied(rng):
   # The row-pair loop writes one flat vector, whose reshape to (N, H, W, 1) is
   # a bitcast (_cpu_kernels.own_loop_1d). From an (N, H * W) loop XLA:CPU lays
   # that reshape out with the channel axis major and copies it to the result.
+  # The C++ kernel's output (N, P) reshapes to (N, H, W, 1) as a bitcast too.
   image = rng.normal(size=(3, 6, 7, 1)).astype(np.float32)
   grid = rng.uniform(-1, 1, size=(3, 5, 8, 2)).astype(np.float32)
-  assert uses_row_pairs(image, grid)
-  hlo = jax.jit(lambda i, g: stnjax.grid_sample(i, g)).lower(image, grid).compile().as_text()
-  entry = hlo.split("\nENTRY")[1]
-  assert re.search(r"copy\S* = ", entry) is None, entry
+  assert uses_row_pairs(image, grid, cpu_options=NO_KERNEL)
+  for options in (NO_KERNEL, CpuOptions()):
+    sample = lambda i, g: sampling.grid_sample_with_options(i, g, cpu_options=options)
+    entry = jax.jit(sample).lower(image, grid).compile().as_text().split("\nENTRY")[1]
+    assert re.search(r"copy\S* = ", entry) is None, entry
 
 
 @pytest.mark.parametrize("shape,out_shape", [((2, 5, 6, 1), (4, 7)), ((1, 9, 4, 1), (11, 3)),
@@ -983,7 +996,7 @@ def test_image_pairs_need_two_columns(rng):
   # takes the four taps (the pair table, with its zero border, takes it too).
   image = rng.normal(size=(2, 5, 1, 1)).astype(np.float32)
   grid = rng.uniform(-1.5, 1.5, size=(2, 3, 4, 2)).astype(np.float32)
-  assert not uses_row_pairs(image, grid)
+  assert not uses_row_pairs(image, grid, cpu_options=NO_KERNEL)
   assert uses_row_pairs(image, grid, cpu_options=PAIR_SOURCES["table"])
   cot = rng.normal(size=(2, 3, 4, 1)).astype(np.float32)
   got, ref = stnjax_and_torch_with_sharing(image, grid, cot, "none", align_corners=False)

@@ -1,0 +1,146 @@
+"""The C++ CPU kernel of single-channel bilinear `grid_sample` (`csrc/grid_sample_cpu.cc`).
+
+XLA:CPU reads each gathered pixel with a scalar load; on x86 this kernel
+reads 8 or 16 with one hardware gather (AVX2, AVX-512), which makes sampling
+a precomputed single-channel grid about twice as fast
+(docs/performance.md, "A C++ sampler kernel on CPU"). It is a forward pass
+only: the VJP stays the jnp one, and values equal the jnp sampler's to float
+round-off.
+
+The kernel is compiled on first use with the system's C++ compiler (`CXX`,
+else `c++`) against jaxlib's XLA FFI headers, cached under
+`$STNJAX_CACHE_DIR` (default `~/.cache/stnjax`) by a hash of its source,
+flags and jaxlib version, and registered with `jax.ffi`. Where it cannot be
+(not x86-64 Linux, no compiler, a failed build) or `STNJAX_CPU_KERNEL=0` is
+set, `grid_sample` takes the jnp path; `status()` says which and why. The
+environment is read once, when the kernel is first needed.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "grid_sample_cpu.cc"
+TARGET = "stnjax_grid_sample_2d_f32"
+ENV_SWITCH = "STNJAX_CPU_KERNEL"
+# No -march: the ISA-specific loops carry their own target attributes and
+# are picked at run time, so the library runs on any x86-64 CPU.
+CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+# The kernel's `isa` attribute: the best the CPU has, or a cap (tests, benchmarks).
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+PADDINGS = {"zeros": 0, "border": 1}
+
+
+class Status(NamedTuple):
+  """Whether the kernel is in use, and if not, why; `library` is the built file."""
+  available: bool
+  reason: str
+  library: pathlib.Path | None = None
+
+
+def cache_dir() -> pathlib.Path:
+  """Where built kernels are kept: `$STNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/stnjax`, else `~/.cache/stnjax`."""
+  if os.environ.get("STNJAX_CACHE_DIR"):
+    return pathlib.Path(os.environ["STNJAX_CACHE_DIR"])
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "stnjax"
+
+
+def _compiler() -> str:
+  return os.environ.get("CXX", "c++")
+
+
+def library_path() -> pathlib.Path:
+  """The cached library for this source, compiler, flags and jaxlib."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(CXX_FLAGS).encode(),
+               jaxlib.__version__.encode()):
+    key.update(part)
+  return cache_dir() / f"grid_sample_cpu_{key.hexdigest()[:16]}.so"
+
+
+def build() -> pathlib.Path:
+  """Compiles the kernel into `library_path()` unless it is there; returns the path.
+
+  Raises RuntimeError with the compiler's output when the build fails. A
+  concurrent build (several processes) is safe: each writes its own file
+  and renames it into place.
+  """
+  path = library_path()
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    built = pathlib.Path(tmp) / path.name
+    command = [_compiler(), *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
+    try:
+      result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+      raise RuntimeError(f"Could not run the C++ compiler {command[0]!r}: {error}") from error
+    if result.returncode != 0:
+      raise RuntimeError(f"Building the CPU sampler kernel failed ({' '.join(command)}):\n"
+                         f"{result.stderr[-4000:]}")
+    os.replace(built, path)
+  return path
+
+
+@functools.cache
+def status() -> Status:
+  """Builds, loads and registers the kernel once per process; says whether it is in use."""
+  if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    return Status(False, f"{ENV_SWITCH}=0 is set")
+  if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+    return Status(False, f"the kernel is for x86-64 Linux, not {sys.platform} {platform.machine()}")
+  try:
+    path = build()
+    library = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.StnjaxGridSample2dF32),
+                                platform="cpu")
+  except (RuntimeError, OSError) as error:
+    return Status(False, str(error))
+  return Status(True, "built and registered", path)
+
+
+def cpu_isa() -> str:
+  """The instruction set the kernel uses on this CPU ("avx512", "avx2" or "scalar")."""
+  if not status().available:
+    raise RuntimeError(f"The CPU sampler kernel is not available: {status().reason}")
+  library = ctypes.cdll.LoadLibrary(str(status().library))
+  library.StnjaxGridSampleCpuIsa.restype = ctypes.c_int64
+  return {v: k for k, v in ISAS.items()}[library.StnjaxGridSampleCpuIsa()]
+
+
+def applies(image: jax.Array, spec, isa: str) -> bool:
+  """Whether the kernel samples `image (N, H * W)` under `spec`: single-channel 2-D bilinear float32, zeros or border padding."""
+  return (isa != "off" and spec.mode == "bilinear" and len(spec.spatial) == 2
+          and spec.padding_mode in PADDINGS and image.ndim == 2 and image.dtype == jnp.float32
+          and jax.default_backend() == "cpu" and status().available)
+
+
+def sample(image: jax.Array, grid: jax.Array, spec, isa: str = "auto") -> jax.Array:
+  """Samples `image (N, H * W)` at normalised `grid (G, P, 2)` (x, y): `(max(N, G), P)`.
+
+  N and G are equal or one of them is 1. Under `jax.vmap` the operands are
+  broadcast to the mapped size and the kernel loops over it.
+  """
+  height, width = spec.spatial
+  shape = (max(image.shape[0], grid.shape[0]), grid.shape[1])
+  # A flat result: XLA:CPU copies an (M, P) one on its way to (M, H, W, 1).
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((shape[0] * shape[1],), jnp.float32),
+                          vmap_method="broadcast_all")
+  out = call(image.reshape(image.shape[0], height, width), grid,
+             padding=np.int64(PADDINGS[spec.padding_mode]),
+             align_corners=bool(spec.align_corners), isa=np.int64(ISAS[isa]))
+  return out.reshape(shape)
