@@ -13,6 +13,9 @@ and `lax` counterparts.
 
 Rows (name: current vs alternative):
 
+* C++ kernel (`sampler_kernel`): sampling a precomputed grid, forward and
+  theta gradient at 256x{28,42,60}x{28,42,60}x1 with the kernel vs the jnp
+  path; and the kernel with the CPU's best instruction set vs AVX2.
 * fresh memory: a function that writes four new 25 MB arrays vs one that
   only reads 25 MB (the price of page faults on this machine).
 * chunked VJP (`single_channel_chunk_elements`): image + theta gradient at
@@ -20,7 +23,8 @@ Rows (name: current vs alternative):
 * gather form (`flat_batch`): image + theta gradient at 256x28x28x1 with
   flat gather/scatter indices vs the accelerators' batched form.
 * row pairs (`row_pairs`): forward at 256x{28,42}x{28,42}x1 with the two
-  taps of an image row read with one index vs four taps.
+  taps of an image row read with one index vs four taps (the forward and
+  sample-only rows of the jnp paths run with the C++ kernel off).
 * pair source (`pair_table`): sampling a precomputed grid, forward, theta
   and image + theta gradient at 256x{28,42,60}x{28,42,60}x1 with row pairs
   read from the image vs from a table of adjacent-pixel pairs.
@@ -65,6 +69,7 @@ from stnjax import xla_cpu
 from stnjax._cpu_kernels import CpuOptions
 
 DEFAULT = CpuOptions()
+JNP = CpuOptions(sampler_kernel="off")  # The jnp paths, without the C++ kernel.
 
 
 def ms(fn, repeats):
@@ -108,7 +113,21 @@ def sample_only_case(h, w, c, options):
 
 
 def sampler_rows():
-  """(name, option, ours, alternative) for the sampler's CPU options."""
+  """(name, option, ours, alternative) for the sampler's CPU options.
+
+  The rows on the jnp paths' forward pass compare them with the C++ kernel
+  off (`JNP`): with it on, neither side's forward pass would be theirs.
+  """
+  for size in (28, 42, 60):
+    cases = (("sample only", sample_only_case), ("forward", forward_case),
+             ("theta grad", functools.partial(gradient_case, argnums=1)))
+    for workload, case in cases:
+      yield (f"{workload} 256x{size}x{size}x1: C++ kernel vs jnp", "sampler_kernel",
+             case(size, size, 1, options=DEFAULT), case(size, size, 1, options=JNP))
+  for size in (28, 60):
+    yield (f"sample only 256x{size}x{size}x1: C++ kernel, best ISA vs AVX2", "sampler_kernel",
+           sample_only_case(size, size, 1, DEFAULT),
+           sample_only_case(size, size, 1, DEFAULT._replace(sampler_kernel="avx2")))
   yield ("image+theta grad 256x60x60x1: chunked VJP vs one piece", "single_channel_chunk_elements",
          gradient_case(60, 60, 1, (0, 1), DEFAULT),
          gradient_case(60, 60, 1, (0, 1),
@@ -118,22 +137,21 @@ def sampler_rows():
          gradient_case(28, 28, 1, (0, 1), DEFAULT._replace(flat_batch=False)))
   for size in (28, 42):
     yield (f"forward 256x{size}x{size}x1: row pairs vs four taps", "row_pairs",
-           forward_case(size, size, 1, DEFAULT),
-           forward_case(size, size, 1, DEFAULT._replace(row_pairs=False)))
-  table = DEFAULT._replace(pair_table=True)
+           forward_case(size, size, 1, JNP),
+           forward_case(size, size, 1, JNP._replace(row_pairs=False)))
   for size in (28, 42, 60):
-    cases = (("sample only", sample_only_case), ("forward", forward_case),
-             ("theta grad", functools.partial(gradient_case, argnums=1)),
-             ("image+theta grad", functools.partial(gradient_case, argnums=(0, 1))))
-    for workload, case in cases:
+    cases = (("sample only", sample_only_case, JNP), ("forward", forward_case, JNP),
+             ("theta grad", functools.partial(gradient_case, argnums=1), DEFAULT),
+             ("image+theta grad", functools.partial(gradient_case, argnums=(0, 1)), DEFAULT))
+    for workload, case, base in cases:
       yield (f"{workload} 256x{size}x{size}x1: row pairs from the image vs a pair table",
-             "pair_table", case(size, size, 1, options=DEFAULT),
-             case(size, size, 1, options=table))
+             "pair_table", case(size, size, 1, options=base),
+             case(size, size, 1, options=base._replace(pair_table=True)))
   for size in (28, 60):
     for loop in ("rows", "fused"):
       yield (f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs {loop}", "output_loop",
-             forward_case(size, size, 1, DEFAULT),
-             forward_case(size, size, 1, DEFAULT._replace(output_loop=loop)))
+             forward_case(size, size, 1, JNP),
+             forward_case(size, size, 1, JNP._replace(output_loop=loop)))
   for size in (28, 42, 60):
     for workload, argnums in (("theta grad", 1), ("image+theta grad", (0, 1))):
       yield (f"{workload} 256x{size}x{size}x1: row-pair grid cotangent vs four taps",
