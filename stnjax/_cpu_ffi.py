@@ -143,4 +143,22 @@ def sample(image: jax.Array, grid: jax.Array, spec, isa: str = "auto") -> jax.Ar
   out = call(image.reshape(image.shape[0], height, width), grid,
              padding=np.int64(PADDINGS[spec.padding_mode]),
              align_corners=bool(spec.align_corners), isa=np.int64(ISAS[isa]))
-  return out.reshape(shape)
+  return _varying_like(out, image, grid).reshape(shape)
+
+
+def _varying_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:
+  """`out`, varying over the manual mesh axes its inputs vary over (inside `shard_map`).
+
+  An FFI call's result type does not say, and `lax.platform_dependent`
+  requires the `jnp` branch's type.
+  """
+  axes = set()
+  for x in inputs:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; `vma` before.
+    axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+  if not axes:
+    return out
+  pcast = getattr(jax.lax, "pcast", None)
+  axes = tuple(sorted(axes))
+  return pcast(out, axes, to="varying") if pcast else jax.lax.pvary(out, axes)

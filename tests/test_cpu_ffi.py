@@ -187,3 +187,29 @@ def test_export_names_the_kernel_and_runs_with_its_check_disabled(rng):
   checks = [jax.export.DisabledSafetyCheck.custom_call(_cpu_ffi.TARGET)]
   exported = jax.export.export(fn, platforms=("cpu",), disabled_checks=checks)(image, grid)
   assert_close(exported.call(image, grid), sample(image, grid, OFF))
+
+
+def test_inside_shard_map_with_a_batch_sharded_over_two_devices():
+  # The kernel's result varies over the mesh axis as its operands do (one
+  # shared grid, images sharded), as the training loop's data-parallel step needs.
+  code = """
+import jax, jax.numpy as jnp, numpy as np, stnjax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from stnjax import _cpu_ffi, sampling
+mesh = jax.make_mesh((2,), ("data",))
+rng = np.random.default_rng(0)
+image = jax.device_put(rng.normal(size=(4, 6, 9, 1)).astype(np.float32), NamedSharding(mesh, P("data")))
+grid = jnp.asarray(rng.uniform(-1.2, 1.2, size=(5, 7, 2)).astype(np.float32))
+def run(options):
+  sample = lambda i, g: sampling.grid_sample_with_options(i, g, cpu_options=options)
+  fn = jax.jit(jax.shard_map(sample, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data")))
+  return fn, np.asarray(fn(image, grid))
+kernel, got = run(sampling.CpuOptions())
+_, want = run(sampling.CpuOptions(sampler_kernel="off"))
+print(_cpu_ffi.TARGET in kernel.lower(image, grid).as_text(), np.abs(got - want).max() < 1e-5,
+      np.abs(want).max() > 0.5)
+"""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=True,
+                          env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"})
+  assert result.stdout.split() == ["True", "True", "True"], result.stdout + result.stderr
