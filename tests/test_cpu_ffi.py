@@ -1,4 +1,4 @@
-"""The C++ CPU sampler kernel (`stnjax._cpu_ffi`): the jnp sampler's values on every instruction set.
+"""The C++ CPU sampler kernel (`stnjax._cpu_ffi`): the jnp sampler's values on every ISA.
 
 Every instruction set does the same float32 operations in the same order
 (no fused multiply-adds), so their values are equal bit for bit; the jnp
@@ -198,7 +198,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from stnjax import _cpu_ffi, sampling
 mesh = jax.make_mesh((2,), ("data",))
 rng = np.random.default_rng(0)
-image = jax.device_put(rng.normal(size=(4, 6, 9, 1)).astype(np.float32), NamedSharding(mesh, P("data")))
+image = rng.normal(size=(4, 6, 9, 1)).astype(np.float32)
+image = jax.device_put(image, NamedSharding(mesh, P("data")))
 grid = jnp.asarray(rng.uniform(-1.2, 1.2, size=(5, 7, 2)).astype(np.float32))
 def run(options):
   sample = lambda i, g: sampling.grid_sample_with_options(i, g, cpu_options=options)
