@@ -39,3 +39,12 @@ def test_core_dependencies_are_jax_and_numpy():
   assert names == {"jax", "jaxlib", "numpy"}
   extras = project["optional-dependencies"]
   assert {"models", "data", "train", "figures", "all", "test"} <= set(extras)
+
+
+def test_the_cpu_kernel_source_ships_with_the_package():
+  # stnjax._cpu_ffi compiles it on first use, from the installed package.
+  from stnjax import _cpu_ffi  # pylint: disable=g-import-not-at-top
+  package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+      "package-data"]
+  assert _cpu_ffi.SOURCE.is_file()
+  assert str(_cpu_ffi.SOURCE.relative_to(ROOT / "stnjax").parent / "*.cc") in package_data["stnjax"]
