@@ -317,9 +317,9 @@ def sample_vjp(image, coords, cotangent, spec: Spec, image_bar, first=0,
 def grid_planes(grid: jax.Array) -> tuple[jax.Array, ...]:
   """`grid (G, P, ndim)` -> `ndim` planes `(G, P)`, in grid-column order (x, y[, z]).
 
-  `lax.split`, whose transpose is a concatenate that XLA folds into the
-  grid's own stack; `grid[..., k]` transposes to pads that XLA:CPU
-  materialised.
+  `lax.split`: under a second derivative its transpose is a concatenate,
+  which XLA folds into the grid's own stack; `grid[..., k]` transposes to
+  pads that XLA:CPU materialised.
   """
   return tuple(p[..., 0] for p in jax.lax.split(grid, (1,) * grid.shape[-1], axis=2))
 
