@@ -1,9 +1,9 @@
 """The C++ CPU kernel of single-channel bilinear `grid_sample` (`csrc/grid_sample_cpu.cc`).
 
 XLA:CPU reads each gathered pixel with a scalar load; on x86 this kernel
-reads 8 or 16 with one hardware gather (AVX2, AVX-512), which made sampling
-a precomputed single-channel grid 2.6 to 3 times as fast on the CPU measured
-(docs/performance.md, "A C++ sampler kernel on CPU"). It is a forward pass
+reads 8 or 16 with one hardware gather (AVX2, AVX-512), which makes sampling
+a precomputed single-channel grid several times as fast (docs/performance.md,
+"A C++ sampler kernel on CPU", gives the figures). It is a forward pass
 only: the VJP stays the jnp one, and values equal the jnp sampler's to float
 round-off.
 

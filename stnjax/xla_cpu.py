@@ -5,9 +5,8 @@ jaxlib 0.10 hands every convolution to YNNPACK on CPU; on the CPUs measured
 paper models' 7x7, 86-channel convolution well below the speed of XLA's own
 (Eigen) convolution. `FLAGS` takes convolutions out of YNNPACK's share and
 leaves it the dot products. `VECTOR_FLAGS` lets the loops XLA emits use
-512-bit vectors where the CPU has them (on the Intel Xeon measured, the
-sampler's gradient loops ran up to 16% faster on two cores;
-docs/performance.md). When a process trains data parallel over several CPU
+512-bit vectors where the CPU has them (the sampler's gradient loops ran
+faster on the Intel Xeon measured; docs/performance.md gives the figures). When a process trains data parallel over several CPU
 devices (one per core, as scripts/run.sh does), `DATA_PARALLEL_FLAGS` also
 asks XLA for single-threaded Eigen operations, so that the devices do not
 split them over the thread pool they share; in jaxlib 0.10.2 an Eigen
