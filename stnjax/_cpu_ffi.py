@@ -31,8 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("csrc") / "grid_sample_cpu.cc"
+CSRC = pathlib.Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "cpu_kernels.cc",)
+HEADERS = (CSRC / "simd.h", CSRC / "kernels.inc")
 TARGET = "stnjax_grid_sample_2d_f32"
+GRID_VJP_TARGET = "stnjax_grid_sample_2d_grid_vjp_f32"
+IMAGE_VJP_TARGET = "stnjax_grid_sample_2d_image_vjp_f32"
+AFFINE_TARGET = "stnjax_affine_grid_2d_f32"
+# Every custom call target the kernels register (`jax.export` must be told of each).
+TARGETS = (TARGET, GRID_VJP_TARGET, IMAGE_VJP_TARGET, AFFINE_TARGET)
 ENV_SWITCH = "STNJAX_CPU_KERNEL"
 # No -march: the ISA-specific loops carry their own target attributes and
 # are picked at run time, so the library runs on any x86-64 CPU.
@@ -68,10 +75,10 @@ def library_path() -> pathlib.Path:
   """The cached library for this source, compiler, flags and jaxlib."""
   import jaxlib  # pylint: disable=g-import-not-at-top
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(CXX_FLAGS).encode(),
+  for part in (*(f.read_bytes() for f in SOURCES + HEADERS), _compiler().encode(), " ".join(CXX_FLAGS).encode(),
                jaxlib.__version__.encode()):
     key.update(part)
-  return cache_dir() / f"grid_sample_cpu_{key.hexdigest()[:16]}.so"
+  return cache_dir() / f"cpu_kernels_{key.hexdigest()[:16]}.so"
 
 
 def build() -> pathlib.Path:
@@ -87,13 +94,14 @@ def build() -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     built = pathlib.Path(tmp) / path.name
-    command = [_compiler(), *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
+    command = [_compiler(), *CXX_FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o",
+               str(built)]
     try:
       result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
       raise RuntimeError(f"Could not run the C++ compiler {command[0]!r}: {error}") from error
     if result.returncode != 0:
-      raise RuntimeError(f"Building the CPU sampler kernel failed ({' '.join(command)}):\n"
+      raise RuntimeError(f"Building the CPU kernels failed ({' '.join(command)}):\n"
                          f"{result.stderr[-4000:]}")
     os.replace(built, path)
   return path
@@ -109,8 +117,11 @@ def status() -> Status:
   try:
     path = build()
     library = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.StnjaxGridSample2dF32),
-                                platform="cpu")
+    for target, handler in ((TARGET, library.StnjaxGridSample2dF32),
+                            (GRID_VJP_TARGET, library.StnjaxGridSample2dGridVjpF32),
+                            (IMAGE_VJP_TARGET, library.StnjaxGridSample2dImageVjpF32),
+                            (AFFINE_TARGET, library.StnjaxAffineGrid2dF32)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   except (RuntimeError, OSError) as error:
     return Status(False, str(error))
   return Status(True, "built and registered", path)
@@ -151,6 +162,62 @@ def sample(image: jax.Array, grid: jax.Array, spec, isa: str = "auto") -> jax.Ar
              padding=np.int64(PADDINGS[spec.padding_mode]),
              align_corners=bool(spec.align_corners), isa=np.int64(ISAS[isa]))
   return _varying_like(out, image, grid).reshape(shape)
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[:-2] + (-1,))
+
+
+def grid_vjp(image: jax.Array, grid: jax.Array, cotangent: jax.Array, spec,
+             isa: str = "auto") -> jax.Array:
+  """The grid cotangent of `sample`, per example: `(M, P, 2)` for `cotangent (M, P)`.
+
+  A shared grid (G = 1 < M) gets one row per example; the caller sums them.
+  """
+  height, width = spec.spatial
+  call = jax.ffi.ffi_call(GRID_VJP_TARGET,
+                          jax.ShapeDtypeStruct(cotangent.shape + (2,), jnp.float32),
+                          vmap_method="broadcast_all")
+  out = call(image.reshape(image.shape[0], height, width), grid, _flat(cotangent),
+             padding=np.int64(PADDINGS[spec.padding_mode]),
+             align_corners=bool(spec.align_corners), isa=np.int64(ISAS[isa]))
+  return _varying_like(out, image, grid, cotangent)
+
+
+def image_vjp(grid: jax.Array, cotangent: jax.Array, spec, num_images: int,
+              isa: str = "auto") -> jax.Array:
+  """The image cotangent of `sample` at `grid (G, P, 2)`: `(num_images, H * W)`.
+
+  `cotangent` is `(M, P)`; a shared image (`num_images` = 1 < M) gets the
+  sum over the examples.
+  """
+  height, width = spec.spatial
+  call = jax.ffi.ffi_call(IMAGE_VJP_TARGET,
+                          jax.ShapeDtypeStruct((num_images, height, width), jnp.float32),
+                          vmap_method="broadcast_all")
+  out = call(grid, _flat(cotangent), padding=np.int64(PADDINGS[spec.padding_mode]),
+             align_corners=bool(spec.align_corners), isa=np.int64(ISAS[isa]))
+  return _varying_like(out, grid, cotangent).reshape(num_images, height * width)
+
+
+def affine_applies(theta: jax.Array) -> bool:
+  """Whether the kernel computes the 2-D affine grid of `theta (2, 3)`: float32, on CPU."""
+  return (theta.shape[-2:] == (2, 3) and theta.dtype == jnp.float32
+          and jax.default_backend() == "cpu" and status().available)
+
+
+def affine_grid(theta: jax.Array, xs: np.ndarray, ys: np.ndarray, isa: str = "auto") -> jax.Array:
+  """The 2-D affine grid `(..., H, W, 2)` of `theta (..., 2, 3)` at base coordinates `xs, ys`.
+
+  `xs (W,)` and `ys (H,)` are the output pixels' normalised coordinates;
+  each point is `(x * theta[r, 0] + y * theta[r, 1]) + theta[r, 2]` in
+  float32, without fused multiply-adds.
+  """
+  base = np.concatenate([xs, ys]).astype(np.float32).reshape((1,) * (theta.ndim - 2) + (-1,))
+  call = jax.ffi.ffi_call(
+      AFFINE_TARGET, jax.ShapeDtypeStruct(theta.shape[:-2] + (len(ys), len(xs), 2), jnp.float32),
+      vmap_method="expand_dims")
+  return _varying_like(call(theta, base, isa=np.int64(ISAS[isa])), theta)
 
 
 def _varying_like(out: jax.Array, *inputs: jax.Array) -> jax.Array:

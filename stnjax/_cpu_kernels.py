@@ -26,6 +26,7 @@ Every choice is a field of `CpuOptions`, passed down as a static argument;
 alternative, and docs/performance.md explains them.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -43,11 +44,13 @@ class CpuOptions(NamedTuple):
   The defaults are what `stnjax.grid_sample` uses; tests and benchmarks pass
   others to `sampling.grid_sample_with_options`.
   """
-  # The C++ kernel for the forward pass of single-channel 2-D bilinear
-  # float32 sampling with zeros or border padding (`_cpu_ffi`), where it is
-  # available: "auto" (the best instruction set the CPU has), a cap
-  # ("avx512", "avx2", "scalar"), or "off" (the jnp paths below).
+  # The C++ kernels for single-channel 2-D bilinear float32 sampling with
+  # zeros or border padding (`_cpu_ffi`), where they are available: "auto"
+  # (the best instruction set the CPU has), a cap ("avx512", "avx2",
+  # "scalar"), or "off" (the jnp paths below).
   sampler_kernel: str = "auto"
+  # The VJP from the C++ kernels too (with `sampler_kernel`), else the jnp VJP.
+  vjp_kernel: bool = True
   # Gather/scatter with the example offset folded into a flat index (else
   # the accelerators' batched form, `operand_batching_dims`).
   flat_batch: bool = True
@@ -407,10 +410,48 @@ def forward(image, grid, spec: interp.Spec, options: CpuOptions):
 
 
 def backward(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
-  """CPU VJP of sampling at grid planes: `(image_bar, grid_bar)`, in chunks when large."""
+  """CPU VJP of sampling at the normalised `grid (G, P, ndim)`: `(image_bar, grid_bar)`.
+
+  The C++ kernels where they apply (`_cpu_ffi.applies` and
+  `options.vjp_kernel`), else `jnp_backward`.
+  """
+  if options.vjp_kernel and _cpu_ffi.applies(image, spec, options.sampler_kernel):
+    return _kernel_vjp(image, grid, cotangent, spec, options)
+  return jnp_backward(image, grid, cotangent, spec, options)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_vjp(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
+  """The VJP from the C++ kernels; its own VJP (a second derivative) is `jnp_backward`'s.
+
+  The two cotangents are separate calls, so XLA drops the one a gradient
+  does not use (the image's, for the STN-on-its-input case).
+  """
+  isa = options.sampler_kernel
+  grid_bar = _cpu_ffi.grid_vjp(image, grid, cotangent, spec, isa)
+  if grid.shape[0] == 1 < grid_bar.shape[0]:  # A shared grid: sum over the examples.
+    grid_bar = jnp.sum(grid_bar, 0, keepdims=True)
+  return _cpu_ffi.image_vjp(grid, cotangent, spec, image.shape[0], isa), grid_bar
+
+
+def _kernel_vjp_fwd(image, grid, cotangent, spec, options):
+  return _kernel_vjp(image, grid, cotangent, spec, options), (image, grid, cotangent)
+
+
+def _kernel_vjp_bwd(spec, options, residuals, cotangents):
+  _, vjp = jax.vjp(lambda *args: jnp_backward(*args, spec, options), *residuals)
+  return vjp(cotangents)
+
+
+_kernel_vjp.defvjp(_kernel_vjp_fwd, _kernel_vjp_bwd)
+
+
+def jnp_backward(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
+  """The jnp CPU VJP at the normalised `grid (G, P, ndim)`, in chunks when large."""
   if options.cotangent_loop:  # Every tap reads it (twice for bilinear): compute it once.
     cotangent = own_loop_on_cpu(cotangent)
   spec = spec._replace(flat_batch=options.flat_batch)
+  planes = interp.grid_planes(grid)
   coords_vjp = None
   if options.row_pairs_vjp and uses_row_pairs(image, spec, options):
     if options.pair_table:
@@ -422,8 +463,9 @@ def backward(image, grid, cotangent, spec: interp.Spec, options: CpuOptions):
           image, coords, cotangent, spec, first)
   chunks = vjp_chunks(cotangent, spec, options)
   if chunks == 1:
-    return interp.grid_vjp(image, grid, cotangent, spec, jnp.zeros_like(image),
-                           coords_vjp=coords_vjp)
-  # The chunked VJP offsets each chunk's rows, which only flat indices can.
-  return grid_vjp_chunked(image, grid, cotangent, spec._replace(flat_batch=True), chunks,
-                          coords_vjp)
+    image_bar, planes_bar = interp.grid_vjp(image, planes, cotangent, spec, jnp.zeros_like(image),
+                                            coords_vjp=coords_vjp)
+  else:  # The chunked VJP offsets each chunk's rows, which only flat indices can.
+    image_bar, planes_bar = grid_vjp_chunked(image, planes, cotangent,
+                                             spec._replace(flat_batch=True), chunks, coords_vjp)
+  return image_bar, jnp.stack(planes_bar, axis=-1)

@@ -27,6 +27,7 @@ import numpy as np
 
 from stnjax import _batching
 from stnjax import _checks
+from stnjax import _cpu_ffi
 
 # Projective denominators with |w| below this are pushed to +-_PROJECTIVE_EPS.
 _PROJECTIVE_EPS = 1e-6
@@ -131,12 +132,40 @@ def affine_grid(theta: jax.Array, out_shape: Sequence[int], *,
     raise ValueError(f"`theta` must have shape (..., 2, 3) or (..., 3, 4), got {theta.shape}.")
   ndim = theta.shape[-2]
   out_shape = _check_out_shape(out_shape, ndim, f"a theta of shape {theta.shape}")
-  base = _base_points(out_shape, _checks.static_bool(align_corners, "align_corners"), theta.dtype)
-
-  def one(t):
-    return jnp.stack(_apply_matrix(t, base), axis=-1).reshape(out_shape + (ndim,))
-
+  align_corners = _checks.static_bool(align_corners, "align_corners")
+  one = lambda t: _affine_grid_one(t, out_shape, align_corners)
   return _batching.batched_apply(one, (theta,), (2,), ("theta",))
+
+
+def _affine_grid_gemm(theta: jax.Array, out_shape: tuple[int, ...],
+                      align_corners: bool) -> jax.Array:
+  """One affine grid `(*out_shape, ndim)` as `_apply_matrix`'s GEMMs."""
+  base = _base_points(out_shape, align_corners, theta.dtype)
+  return jnp.stack(_apply_matrix(theta, base), axis=-1).reshape(out_shape + (len(out_shape),))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _affine_grid_one(theta: jax.Array, out_shape: tuple[int, ...],
+                     align_corners: bool) -> jax.Array:
+  """One affine grid of `theta (ndim, ndim + 1)`.
+
+  A 2-D float32 grid on CPU is the C++ kernel's (`_cpu_ffi.affine_grid`,
+  which writes it once; docs/performance.md, "Grids"), elsewhere
+  `_affine_grid_gemm`. The tangent, and so the gradient, is always the GEMM.
+  """
+  gemm = functools.partial(_affine_grid_gemm, out_shape=out_shape, align_corners=align_corners)
+  if not _cpu_ffi.affine_applies(theta):
+    return gemm(theta)
+  xs, ys = (base_coordinates(size, align_corners) for size in out_shape[::-1])
+  return jax.lax.platform_dependent(
+      theta, cpu=lambda t: _cpu_ffi.affine_grid(t, xs, ys), default=gemm)
+
+
+@_affine_grid_one.defjvp
+def _affine_grid_one_jvp(out_shape, align_corners, primals, tangents):
+  (theta,), (theta_dot,) = primals, tangents
+  return (_affine_grid_one(theta, out_shape, align_corners),
+          _affine_grid_gemm(theta_dot, out_shape, align_corners))
 
 
 def projective_grid(homography: jax.Array, out_shape: Sequence[int], *,

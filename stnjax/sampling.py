@@ -107,13 +107,13 @@ def _interpolate_fwd(image, grid, spec, options):
 def _interpolate_bwd(spec, options, residuals, cotangent):
   image, grid = residuals
 
-  def whole(image, planes, cotangent):  # Accelerators: the whole batch, batched gathers.
-    return _interp.grid_vjp(image, planes, cotangent, spec, jnp.zeros_like(image))
+  def whole(image, grid, cotangent):  # Accelerators: the whole batch, batched gathers.
+    image_bar, planes_bar = _interp.grid_vjp(image, _interp.grid_planes(grid), cotangent, spec,
+                                             jnp.zeros_like(image))
+    return image_bar, jnp.stack(planes_bar, axis=-1)
 
   cpu = functools.partial(_cpu_kernels.backward, spec=spec, options=options)
-  image_bar, planes_bar = jax.lax.platform_dependent(
-      image, _interp.grid_planes(grid), cotangent, cpu=cpu, default=whole)
-  return image_bar, jnp.stack(planes_bar, axis=-1)
+  return jax.lax.platform_dependent(image, grid, cotangent, cpu=cpu, default=whole)
 
 
 _interpolate.defvjp(_interpolate_fwd, _interpolate_bwd)

@@ -1,13 +1,15 @@
-"""The C++ CPU sampler kernel (`stnjax._cpu_ffi`): the jnp sampler's values on every ISA.
+"""The C++ CPU kernels (`stnjax._cpu_ffi`): the jnp values and cotangents on every ISA.
 
 Every instruction set does the same float32 operations in the same order
-(no fused multiply-adds), so their values are equal bit for bit; the jnp
-path (`sampler_kernel="off"`), which XLA may compile with fused
-multiply-adds, and torch agree to float32 rounding.
+(no fused multiply-adds), so their results are equal bit for bit; the jnp
+paths (`sampler_kernel="off"`, `vjp_kernel=False`, the affine grid's GEMM),
+which XLA may compile with fused multiply-adds and sum in another order,
+and torch agree to float32 rounding.
 """
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,11 +21,13 @@ import pytest
 import stnjax
 from stnjax import _cpu_ffi
 from stnjax import _interp
+from stnjax import grids
 from stnjax import sampling
 from stnjax.sampling import CpuOptions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFF = CpuOptions(sampler_kernel="off")
+JNP_VJP = CpuOptions(vjp_kernel=False)
 
 pytestmark = pytest.mark.skipif(not _cpu_ffi.status().available,
                                 reason=f"CPU sampler kernel: {_cpu_ffi.status().reason}")
@@ -115,17 +119,161 @@ def test_vmap_over_the_kernel(rng):
   assert_close(shared, sample(np.broadcast_to(image[0], image.shape), grid, OFF))
 
 
-def test_gradients_are_the_jnp_paths(rng):
+def grads(image, grid, cot, options, argnums=(0, 1), **kwargs):
+  loss = lambda i, g: jnp.vdot(sampling.grid_sample_with_options(
+      i, g, cpu_options=options, **kwargs), cot)
+  fn = jax.jit(jax.grad(loss, argnums))
+  return [np.asarray(x) for x in fn(image, grid)], fn.lower(image, grid).compile().as_text()
+
+
+@pytest.mark.parametrize("padding_mode", ("zeros", "border"))
+@pytest.mark.parametrize("align_corners", (False, True))
+def test_vjp_kernels_give_the_same_bits_on_every_isa_and_the_jnp_cotangents(
+    rng, padding_mode, align_corners):
   image = rng.normal(size=(4, 6, 9, 1)).astype(np.float32)
-  grid = rng.uniform(-1.2, 1.2, size=(4, 5, 7, 2)).astype(np.float32)
-  cot = rng.normal(size=(4, 5, 7, 1)).astype(np.float32)
+  grid = awkward_grid(rng, (4, 7, 5, 2))
+  cot = rng.normal(size=(4, 7, 5, 1)).astype(np.float32)
+  kwargs = dict(padding_mode=padding_mode, align_corners=align_corners)
+  want, jnp_text = grads(image, grid, cot, JNP_VJP, **kwargs)
+  scalar, text = grads(image, grid, cot, CpuOptions(sampler_kernel="scalar"), **kwargs)
+  assert _cpu_ffi.GRID_VJP_TARGET in text and _cpu_ffi.IMAGE_VJP_TARGET in text
+  assert _cpu_ffi.GRID_VJP_TARGET not in jnp_text
+  for isa in isas_of_this_cpu():
+    for got, bits in zip(grads(image, grid, cot, CpuOptions(sampler_kernel=isa), **kwargs)[0],
+                         scalar):
+      np.testing.assert_array_equal(got, bits)
+  for got, expected in zip(scalar, want):
+    assert np.isfinite(got).all()
+    assert_close(got, expected)
+    assert np.abs(expected).max() > 0.5
+  # NaN, +-inf and far coordinates (points 0, 1 and 3's y: `awkward_grid`) get a zero gradient.
+  points_bar = scalar[1].reshape(-1, 2)
+  np.testing.assert_array_equal(points_bar[[0, 1]], 0.0)
+  assert points_bar[3, 1] == 0.0
 
-  def grads(options):
-    loss = lambda i, g: jnp.vdot(sampling.grid_sample_with_options(i, g, cpu_options=options), cot)
-    return jax.jit(jax.grad(loss, (0, 1)))(image, grid)
 
-  for got, want in zip(grads(CpuOptions()), grads(OFF)):
-    assert_close(got, want)
+def test_vjp_kernels_with_shared_images_grids_and_many_chunks(rng):
+  # 256 examples x 33 x 35 points: many chunks; a shared image sums 8 parts.
+  image = rng.normal(size=(256, 12, 10, 1)).astype(np.float32)
+  grid = awkward_grid(rng, (256, 33, 35, 2))
+  cot = rng.normal(size=(256, 33, 35, 1)).astype(np.float32)
+  for i, g in ((image, grid), (image[0], grid), (image, grid[0])):
+    want, _ = grads(i, g, cot, JNP_VJP)
+    for isa in isas_of_this_cpu():
+      got, _ = grads(i, g, cot, CpuOptions(sampler_kernel=isa))
+      for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_vjp_kernels_under_vmap(rng):
+  image = rng.normal(size=(3, 2, 6, 7, 1)).astype(np.float32)
+  grid = awkward_grid(rng, (3, 2, 4, 5, 2))
+  cot = rng.normal(size=(3, 2, 4, 5, 1)).astype(np.float32)
+
+  def per_example(options, in_axes):
+    loss = lambda i, g, c: jnp.vdot(sampling.grid_sample_with_options(i, g, cpu_options=options), c)
+    return jax.vmap(jax.grad(loss, (0, 1)), in_axes=in_axes)
+
+  for in_axes, args in (((0, 0, 0), (image, grid, cot)), ((None, 0, 0), (image[0], grid, cot))):
+    for got, want in zip(per_example(CpuOptions(), in_axes)(*args),
+                         per_example(JNP_VJP, in_axes)(*args)):
+      assert_close(got, want)
+
+
+def test_vjp_kernels_match_torch_in_float32(rng):
+  torch = pytest.importorskip("torch")
+  image = rng.normal(size=(5, 11, 13, 1)).astype(np.float32)
+  grid = rng.uniform(-1.3, 1.3, size=(5, 9, 8, 2)).astype(np.float32)
+  cot = rng.normal(size=(5, 9, 8, 1)).astype(np.float32)
+  for padding_mode in ("zeros", "border"):
+    for align_corners in (False, True):
+      (d_image, d_grid), _ = grads(image, grid, cot, CpuOptions(), padding_mode=padding_mode,
+                                   align_corners=align_corners)
+      image_t = torch.from_numpy(np.moveaxis(image, -1, 1)).requires_grad_()
+      grid_t = torch.from_numpy(grid).requires_grad_()
+      out = torch.nn.functional.grid_sample(image_t, grid_t, padding_mode=padding_mode,
+                                            align_corners=align_corners)
+      (out * torch.from_numpy(np.moveaxis(cot, -1, 1))).sum().backward()
+      np.testing.assert_allclose(d_image[..., 0], image_t.grad.numpy()[:, 0], rtol=0, atol=1e-5)
+      np.testing.assert_allclose(d_grid, grid_t.grad.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_gradient_runs_only_the_cotangent_it_needs(rng):
+  image = rng.normal(size=(2, 6, 9, 1)).astype(np.float32)
+  grid = rng.uniform(-1, 1, size=(2, 3, 4, 2)).astype(np.float32)
+  cot = rng.normal(size=(2, 3, 4, 1)).astype(np.float32)
+  calls = lambda text: set(re.findall(r'custom_call_target="(stnjax_\w+)"', text))
+  _, grid_only = grads(image, grid, cot, CpuOptions(), argnums=1)
+  _, image_only = grads(image, grid, cot, CpuOptions(), argnums=0)
+  assert _cpu_ffi.GRID_VJP_TARGET in calls(grid_only)
+  assert _cpu_ffi.IMAGE_VJP_TARGET not in calls(grid_only)
+  assert calls(image_only) == {_cpu_ffi.IMAGE_VJP_TARGET}  # Not even the forward pass.
+
+
+def test_second_derivatives_through_the_vjp_kernels_are_the_jnp_ones(rng):
+  # The kernels' VJP has its own VJP: the jnp VJP's.
+  image = rng.normal(size=(3, 6, 9, 1)).astype(np.float32)
+  theta = (np.eye(2, 3) + rng.normal(0, 0.2, size=(3, 2, 3))).astype(np.float32)
+  cot = rng.normal(size=(3, 5, 7, 1)).astype(np.float32)
+
+  def second_order(options):
+    def loss(image, theta):
+      grid = stnjax.affine_grid(theta, (5, 7))
+      return jnp.sum(cot * sampling.grid_sample_with_options(image, grid, cpu_options=options) ** 2)
+
+    def grad_norm(image, theta):
+      return sum(jnp.sum(g ** 2) for g in jax.grad(loss, (0, 1))(image, theta))
+
+    return jax.jit(jax.grad(grad_norm, (0, 1)))(image, theta)
+
+  for got, want in zip(second_order(CpuOptions()), second_order(JNP_VJP)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.abs(want).max() > 0.1
+
+
+AFFINE_SHAPES = ((28, 28), (5, 7), (1, 3), (3, 1), (13, 9), (2, 17))
+
+
+@pytest.mark.parametrize("align_corners", (False, True))
+def test_affine_grid_kernel_same_bits_on_every_isa_and_the_gemm_values(rng, align_corners):
+  theta = rng.normal(size=(5, 2, 3)).astype(np.float32)
+  for shape in AFFINE_SHAPES:
+    xs, ys = (grids.base_coordinates(size, align_corners) for size in shape[::-1])
+    scalar = np.asarray(_cpu_ffi.affine_grid(theta, xs, ys, "scalar"))
+    for isa in isas_of_this_cpu():
+      np.testing.assert_array_equal(_cpu_ffi.affine_grid(theta, xs, ys, isa), scalar)
+    gemm = jax.vmap(lambda t: grids._affine_grid_gemm(t, shape, align_corners))(theta)
+    np.testing.assert_allclose(scalar, gemm, rtol=1e-6, atol=1e-6)
+    # stnjax.affine_grid is the kernel's, with any batch dims.
+    np.testing.assert_array_equal(stnjax.affine_grid(theta, shape, align_corners=align_corners),
+                                  scalar)
+    np.testing.assert_array_equal(
+        stnjax.affine_grid(theta[1], shape, align_corners=align_corners), scalar[1])
+    np.testing.assert_array_equal(jax.vmap(jax.vmap(
+        lambda t: stnjax.affine_grid(t, shape, align_corners=align_corners)))(theta[None]),
+        scalar[None])
+
+
+def test_affine_grid_kernel_applies_to_2d_float32_on_cpu(rng):
+  lowered = lambda theta, shape: jax.jit(lambda t: stnjax.affine_grid(t, shape)).lower(
+      theta).as_text()
+  assert _cpu_ffi.AFFINE_TARGET in lowered(np.eye(2, 3, dtype=np.float32), (4, 5))
+  assert _cpu_ffi.AFFINE_TARGET not in lowered(np.eye(3, 4, dtype=np.float32), (3, 4, 5))
+  assert _cpu_ffi.AFFINE_TARGET not in lowered(np.eye(2, 3, dtype=np.float16), (4, 5))
+
+
+def test_affine_grid_derivatives_are_the_gemms(rng):
+  # The values are the kernel's, the tangent (forward and reverse mode) the GEMM's.
+  theta = rng.normal(size=(3, 2, 3)).astype(np.float32)
+  gemm = lambda t: jax.vmap(lambda u: grids._affine_grid_gemm(u, (4, 5), False))(t)
+  kernel = lambda t: stnjax.affine_grid(t, (4, 5))
+  want = jax.jacrev(gemm)(theta)
+  np.testing.assert_allclose(jax.jacfwd(kernel)(theta), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.jacrev(kernel)(theta), want, rtol=1e-6, atol=1e-6)
+  cot = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
+  text = jax.jit(jax.grad(lambda t: jnp.vdot(kernel(t), cot))).lower(theta).as_text()
+  assert "dot_general" in text and _cpu_ffi.AFFINE_TARGET not in text  # Linear: no primal needed.
 
 
 def test_takes_only_what_it_implements(rng):

@@ -884,12 +884,17 @@ def test_accelerator_lowering_is_the_batched_gather_form(shape):
   for fn, args in ((sample, (image, theta)),
                    (jax.grad(loss, argnums=(0, 1)), (image, theta, image))):
     for platform in ("cuda", "rocm", "tpu", "cpu"):
-      # On CPU a single-channel forward pass is the C++ kernel (tests/test_cpu_ffi.py).
-      kernel = platform == "cpu" and fn is sample and shape[-1] == 1 and _cpu_ffi.status().available
-      checks = [jax.export.DisabledSafetyCheck.custom_call(_cpu_ffi.TARGET)] if kernel else []
+      # On CPU single-channel 2-D sampling (values and cotangents) and the 2-D
+      # affine grid are C++ kernels (tests/test_cpu_ffi.py).
+      kernels = platform == "cpu" and _cpu_ffi.status().available
+      kernel = kernels and shape[-1] == 1
+      checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _cpu_ffi.TARGETS]
       module = jax.export.export(jax.jit(fn), platforms=(platform,),
-                                 disabled_checks=checks)(*args).mlir_module()
-      assert (_cpu_ffi.TARGET in module) == kernel, platform
+                                 disabled_checks=checks if kernels else [])(*args).mlir_module()
+      # A gradient needs no sampled values: only the VJP's kernels remain.
+      target = _cpu_ffi.TARGET if fn is sample else _cpu_ffi.GRID_VJP_TARGET
+      assert (target in module) == kernel, platform
+      assert (_cpu_ffi.AFFINE_TARGET in module) == (kernels and ndim == 2), platform
       indexing = re.findall(r'"stablehlo\.(?:gather|scatter)".*?dimension_numbers = ([^>]*>)',
                             module)
       if kernel:
@@ -1126,8 +1131,10 @@ def test_sharded_batch_is_sampled_where_it_lives(flat):
   # 4 CPU devices, batch sharded: the results equal one device's. The batched
   # form (accelerators) partitions with no collective at all; the flat form
   # (CPU) is correct but all-gathers the images.
+  # Without the C++ kernels, which XLA runs on whole arrays (it gathers a
+  # sharded batch first; inside `shard_map` each device runs them on its shard).
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", STNJAX_CPU_KERNEL="0")
   result = subprocess.run([sys.executable, "-c", _SHARDED_SAMPLING.format(flat=flat)],
                           check=True, env=env, capture_output=True, text=True, timeout=300)
   collectives = result.stdout.split("collectives:")[1]

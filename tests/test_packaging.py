@@ -5,6 +5,7 @@ Datasets, checkpoints, figures and the PyTorch reference are extras
 pull them in.
 """
 
+import fnmatch
 import pathlib
 import subprocess
 import sys
@@ -41,10 +42,13 @@ def test_core_dependencies_are_jax_and_numpy():
   assert {"models", "data", "train", "figures", "all", "test"} <= set(extras)
 
 
-def test_the_cpu_kernel_source_ships_with_the_package():
-  # stnjax._cpu_ffi compiles it on first use, from the installed package.
+def test_the_cpu_kernel_sources_ship_with_the_package():
+  # stnjax._cpu_ffi compiles them on first use, from the installed package.
   from stnjax import _cpu_ffi  # pylint: disable=g-import-not-at-top
   package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-      "package-data"]
-  assert _cpu_ffi.SOURCE.is_file()
-  assert str(_cpu_ffi.SOURCE.relative_to(ROOT / "stnjax").parent / "*.cc") in package_data["stnjax"]
+      "package-data"]["stnjax"]
+  files = _cpu_ffi.SOURCES + _cpu_ffi.HEADERS
+  assert sorted(files) == sorted(_cpu_ffi.CSRC.iterdir())  # Every file in csrc is one of them.
+  for path in files:
+    relative = str(path.relative_to(ROOT / "stnjax"))
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data), relative
