@@ -6,16 +6,23 @@
 Each row times two jitted, synchronised functions in one process, first the
 current code and second the alternative, interleaved over --rounds rounds of
 --repeats timed calls (median over rounds of per-round medians). The
-alternatives are named options, never patched internals: the sampler's CPU
-paths are fields of `CpuOptions`, passed to
-`sampling.grid_sample_with_options`; the layers are compared with their Flax
-and `lax` counterparts.
+alternatives are named options or functions, never patched internals: the
+sampler's CPU paths are fields of `CpuOptions`, passed to
+`sampling.grid_sample_with_options`; the affine grid is compared with its
+GEMM form; the layers with their Flax and `lax` counterparts. The rows of
+the jnp paths' options run with the C++ kernels off (`JNP`).
 
 Rows (name: current vs alternative):
 
-* C++ kernel (`sampler_kernel`): sampling a precomputed grid, forward and
-  theta gradient at 256x{28,42,60}x{28,42,60}x1 with the kernel vs the jnp
-  path; and the kernel with the CPU's best instruction set vs AVX2.
+* C++ kernels (`sampler_kernel`): sampling a precomputed grid, forward,
+  theta and image + theta gradient at 256x{28,42,60}x{28,42,60}x1 with the
+  kernels vs the jnp paths; the sampling kernel with the CPU's best
+  instruction set vs AVX2.
+* C++ VJP (`vjp_kernel`): theta and image + theta gradient with the
+  kernels' VJP vs the jnp VJP (the forward pass is the kernel's in both).
+* affine grid: `affine_grid` (the C++ kernel on CPU) vs its GEMM form
+  (`grids._affine_grid_gemm` under `vmap`, as other platforms compute it),
+  256 grids of 28x28, 42x42 and 60x60.
 * fresh memory: a function that writes four new 25 MB arrays vs one that
   only reads 25 MB (the price of page faults on this machine).
 * chunked VJP (`single_channel_chunk_elements`): image + theta gradient at
@@ -23,8 +30,7 @@ Rows (name: current vs alternative):
 * gather form (`flat_batch`): image + theta gradient at 256x28x28x1 with
   flat gather/scatter indices vs the accelerators' batched form.
 * row pairs (`row_pairs`): forward at 256x{28,42}x{28,42}x1 with the two
-  taps of an image row read with one index vs four taps (the forward and
-  sample-only rows of the jnp paths run with the C++ kernel off).
+  taps of an image row read with one index vs four taps.
 * pair source (`pair_table`): sampling a precomputed grid, forward, theta
   and image + theta gradient at 256x{28,42,60}x{28,42,60}x1 with row pairs
   read from the image vs from a table of adjacent-pixel pairs.
@@ -63,13 +69,14 @@ import numpy as np
 import stnjax
 from scripts.bench import bench_train
 from scripts.bench import timing
+from stnjax import grids
 from stnjax import layers
 from stnjax import sampling
 from stnjax import xla_cpu
 from stnjax._cpu_kernels import CpuOptions
 
 DEFAULT = CpuOptions()
-JNP = CpuOptions(sampler_kernel="off")  # The jnp paths, without the C++ kernel.
+JNP = CpuOptions(sampler_kernel="off")  # The jnp paths, without the C++ kernels.
 
 
 def ms(fn, repeats):
@@ -112,41 +119,50 @@ def sample_only_case(h, w, c, options):
   return lambda: fn(image, grid)
 
 
-def sampler_rows():
-  """(name, option, ours, alternative) for the sampler's CPU options.
+def affine_grid_case(size, gemm):
+  _, _, theta = random_batch(size, size, 1)
+  fn = jax.jit(jax.vmap(lambda t: grids._affine_grid_gemm(t, (size, size), False)) if gemm  # pylint: disable=protected-access
+               else lambda t: stnjax.affine_grid(t, (size, size)))
+  return lambda: fn(theta)
 
-  The rows on the jnp paths' forward pass compare them with the C++ kernel
-  off (`JNP`): with it on, neither side's forward pass would be theirs.
-  """
+
+def sampler_rows():
+  """(name, option, ours, alternative) for the sampler's CPU options."""
+  gradients = (("theta grad", 1), ("image+theta grad", (0, 1)))
   for size in (28, 42, 60):
     cases = (("sample only", sample_only_case), ("forward", forward_case),
-             ("theta grad", functools.partial(gradient_case, argnums=1)))
+             *((name, functools.partial(gradient_case, argnums=a)) for name, a in gradients))
     for workload, case in cases:
-      yield (f"{workload} 256x{size}x{size}x1: C++ kernel vs jnp", "sampler_kernel",
+      yield (f"{workload} 256x{size}x{size}x1: C++ kernels vs jnp", "sampler_kernel",
              case(size, size, 1, options=DEFAULT), case(size, size, 1, options=JNP))
+    for workload, argnums in gradients:
+      yield (f"{workload} 256x{size}x{size}x1: C++ VJP vs jnp VJP", "vjp_kernel",
+             gradient_case(size, size, 1, argnums, DEFAULT),
+             gradient_case(size, size, 1, argnums, DEFAULT._replace(vjp_kernel=False)))
+    yield (f"affine grid 256x{size}x{size}: C++ kernel vs GEMMs", None,
+           affine_grid_case(size, gemm=False), affine_grid_case(size, gemm=True))
   for size in (28, 60):
     yield (f"sample only 256x{size}x{size}x1: C++ kernel, best ISA vs AVX2", "sampler_kernel",
            sample_only_case(size, size, 1, DEFAULT),
            sample_only_case(size, size, 1, DEFAULT._replace(sampler_kernel="avx2")))
   yield ("image+theta grad 256x60x60x1: chunked VJP vs one piece", "single_channel_chunk_elements",
-         gradient_case(60, 60, 1, (0, 1), DEFAULT),
+         gradient_case(60, 60, 1, (0, 1), JNP),
          gradient_case(60, 60, 1, (0, 1),
-                       DEFAULT._replace(one_piece_bytes=2**62, single_channel_chunk_elements=2**62)))
+                       JNP._replace(one_piece_bytes=2**62, single_channel_chunk_elements=2**62)))
   yield ("image+theta grad 256x28x28x1: flat vs batched gather/scatter", "flat_batch",
-         gradient_case(28, 28, 1, (0, 1), DEFAULT),
-         gradient_case(28, 28, 1, (0, 1), DEFAULT._replace(flat_batch=False)))
+         gradient_case(28, 28, 1, (0, 1), JNP),
+         gradient_case(28, 28, 1, (0, 1), JNP._replace(flat_batch=False)))
   for size in (28, 42):
     yield (f"forward 256x{size}x{size}x1: row pairs vs four taps", "row_pairs",
            forward_case(size, size, 1, JNP),
            forward_case(size, size, 1, JNP._replace(row_pairs=False)))
   for size in (28, 42, 60):
-    cases = (("sample only", sample_only_case, JNP), ("forward", forward_case, JNP),
-             ("theta grad", functools.partial(gradient_case, argnums=1), DEFAULT),
-             ("image+theta grad", functools.partial(gradient_case, argnums=(0, 1)), DEFAULT))
-    for workload, case, base in cases:
+    cases = (("sample only", sample_only_case), ("forward", forward_case),
+             *((name, functools.partial(gradient_case, argnums=a)) for name, a in gradients))
+    for workload, case in cases:
       yield (f"{workload} 256x{size}x{size}x1: row pairs from the image vs a pair table",
-             "pair_table", case(size, size, 1, options=base),
-             case(size, size, 1, options=base._replace(pair_table=True)))
+             "pair_table", case(size, size, 1, options=JNP),
+             case(size, size, 1, options=JNP._replace(pair_table=True)))
   for size in (28, 60):
     for loop in ("rows", "fused"):
       yield (f"forward 256x{size}x{size}x1, row pairs: 1-D output loop vs {loop}", "output_loop",
@@ -155,11 +171,11 @@ def sampler_rows():
   for size in (28, 42, 60):
     for workload, argnums in (("theta grad", 1), ("image+theta grad", (0, 1))):
       yield (f"{workload} 256x{size}x{size}x1: row-pair grid cotangent vs four taps",
-             "row_pairs_vjp", gradient_case(size, size, 1, argnums, DEFAULT),
-             gradient_case(size, size, 1, argnums, DEFAULT._replace(row_pairs_vjp=False)))
+             "row_pairs_vjp", gradient_case(size, size, 1, argnums, JNP),
+             gradient_case(size, size, 1, argnums, JNP._replace(row_pairs_vjp=False)))
   yield ("image+theta grad 256x28x28x32: cotangent in its own loop vs fused", "cotangent_loop",
-         gradient_case(28, 28, 32, (0, 1), DEFAULT),
-         gradient_case(28, 28, 32, (0, 1), DEFAULT._replace(cotangent_loop=False)))
+         gradient_case(28, 28, 32, (0, 1), JNP),
+         gradient_case(28, 28, 32, (0, 1), JNP._replace(cotangent_loop=False)))
 
 
 def rows():
