@@ -1,19 +1,20 @@
-"""The C++ CPU kernel of single-channel bilinear `grid_sample` (`csrc/grid_sample_cpu.cc`).
+"""stnjax's C++ CPU kernels (`csrc/`): single-channel bilinear `grid_sample` and the affine grid.
 
-XLA:CPU reads each gathered pixel with a scalar load; on x86 this kernel
-reads 8 or 16 with one hardware gather (AVX2, AVX-512), which makes sampling
-a precomputed single-channel grid several times as fast (docs/performance.md,
-"A C++ sampler kernel on CPU", gives the figures). It is a forward pass
-only: the VJP stays the jnp one, and values equal the jnp sampler's to float
-round-off.
+XLA:CPU reads each gathered pixel with a scalar load and computes a small
+affine grid as GEMMs and a copy; on x86 these kernels read 8 or 16 pixels
+with one hardware gather (AVX2, AVX-512) and write the grid in place
+(docs/performance.md, "C++ kernels on CPU", gives the figures). Three
+sampler kernels (the values, the grid cotangent, the image cotangent) and
+one for the 2-D affine grid; each result equals the jnp path's to float
+round-off, and each instruction set gives the same bits.
 
-The kernel is compiled on first use with the system's C++ compiler (`CXX`,
-else `c++`) against jaxlib's XLA FFI headers, cached under
-`$STNJAX_CACHE_DIR` (default `~/.cache/stnjax`) by a hash of its source,
-flags and jaxlib version, and registered with `jax.ffi`. Where it cannot be
-(not x86-64 Linux, no compiler, a failed build) or `STNJAX_CPU_KERNEL=0` is
-set, `grid_sample` takes the jnp path; `status()` says which and why. The
-environment is read once, when the kernel is first needed.
+The kernels are compiled on first use with the system's C++ compiler
+(`CXX`, else `c++`) against jaxlib's XLA FFI headers, cached under
+`$STNJAX_CACHE_DIR` (default `~/.cache/stnjax`) by a hash of their
+sources, flags and jaxlib version, and registered with `jax.ffi`. Where
+they cannot be (not x86-64 Linux, no compiler, a failed build) or
+`STNJAX_CPU_KERNEL=0` is set, stnjax takes the jnp paths; `status()` says
+which and why. The environment is read once, when a kernel is first needed.
 """
 
 import ctypes
@@ -50,7 +51,7 @@ PADDINGS = {"zeros": 0, "border": 1}
 
 
 class Status(NamedTuple):
-  """Whether the kernel is in use, and if not, why; `library` is the built file."""
+  """Whether the kernels are in use, and if not, why; `library` is the built file."""
   available: bool
   reason: str
   library: pathlib.Path | None = None
@@ -72,17 +73,17 @@ def _compiler() -> str:
 
 
 def library_path() -> pathlib.Path:
-  """The cached library for this source, compiler, flags and jaxlib."""
+  """The cached library for these sources, compiler, flags and jaxlib."""
   import jaxlib  # pylint: disable=g-import-not-at-top
   key = hashlib.sha256()
-  for part in (*(f.read_bytes() for f in SOURCES + HEADERS), _compiler().encode(), " ".join(CXX_FLAGS).encode(),
-               jaxlib.__version__.encode()):
+  for part in (*(f.read_bytes() for f in SOURCES + HEADERS), _compiler().encode(),
+               " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode()):
     key.update(part)
   return cache_dir() / f"cpu_kernels_{key.hexdigest()[:16]}.so"
 
 
 def build() -> pathlib.Path:
-  """Compiles the kernel into `library_path()` unless it is there; returns the path.
+  """Compiles the kernels into `library_path()` unless it is there; returns the path.
 
   Raises RuntimeError with the compiler's output when the build fails. A
   concurrent build (several processes) is safe: each writes its own file
@@ -109,11 +110,12 @@ def build() -> pathlib.Path:
 
 @functools.cache
 def status() -> Status:
-  """Builds, loads and registers the kernel once per process; says whether it is in use."""
+  """Builds, loads and registers the kernels once per process; says whether they are in use."""
   if os.environ.get(ENV_SWITCH, "1").strip() == "0":
     return Status(False, f"{ENV_SWITCH}=0 is set")
   if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
-    return Status(False, f"the kernel is for x86-64 Linux, not {sys.platform} {platform.machine()}")
+    return Status(False,
+                  f"the kernels are for x86-64 Linux, not {sys.platform} {platform.machine()}")
   try:
     path = build()
     library = ctypes.cdll.LoadLibrary(str(path))
@@ -128,19 +130,19 @@ def status() -> Status:
 
 
 def cpu_isa() -> str:
-  """The instruction set the kernel uses on this CPU ("avx512", "avx2" or "scalar")."""
+  """The instruction set the kernels use on this CPU ("avx512", "avx2" or "scalar")."""
   if not status().available:
-    raise RuntimeError(f"The CPU sampler kernel is not available: {status().reason}")
+    raise RuntimeError(f"The CPU kernels are not available: {status().reason}")
   library = ctypes.cdll.LoadLibrary(str(status().library))
   library.StnjaxGridSampleCpuIsa.restype = ctypes.c_int64
   return {v: k for k, v in ISAS.items()}[library.StnjaxGridSampleCpuIsa()]
 
 
 def applies(image: jax.Array, spec, isa: str) -> bool:
-  """Whether the kernel samples `image (N, H * W)` under `spec` with `isa` (a `sampler_kernel`).
+  """Whether the kernels sample `image (N, H * W)` under `spec` with `isa` (a `sampler_kernel`).
 
   Single-channel 2-D bilinear float32 with zeros or border padding, on the
-  CPU backend, where the kernel is available.
+  CPU backend, where the kernels are available.
   """
   return (isa != "off" and spec.mode == "bilinear" and len(spec.spatial) == 2
           and spec.padding_mode in PADDINGS and image.ndim == 2 and image.dtype == jnp.float32

@@ -4,10 +4,10 @@ XLA:CPU emits each gathered element as a scalar load, materialises every
 scatter's updates and every gather read by more than one loop, and fuses an
 elementwise producer into each of its consumers. On CPU only (other
 platforms take `_interp` as it is, through `lax.platform_dependent` in
-`sampling`), the forward pass of single-channel 2-D bilinear float32
-sampling with zeros or border padding is a C++ kernel with hardware
-gathers (`_cpu_ffi`), where it is available; everywhere else three `jnp`
-paths work around XLA:CPU:
+`sampling`), single-channel 2-D bilinear float32 sampling with zeros or
+border padding, its values and its VJP, is C++ kernels with hardware
+gathers (`_cpu_ffi`), where they are available; everywhere else three
+`jnp` paths work around XLA:CPU:
 
 * row pairs: single-channel 2-D bilinear sampling reads the two taps of an
   image row with one index computation, in the forward pass and for the

@@ -61,10 +61,10 @@ gather over the whole batch, and the VJP recomputes the taps from
 `(image, grid)` rather than keeping anything of size `(points, channels)`
 from the forward pass. The interpolation itself is `stnjax._interp`; on CPU,
 `lax.platform_dependent` takes the paths of `stnjax._cpu_kernels` instead
-(a C++ kernel for the forward pass of single-channel bilinear float32
-sampling, flat gather indices, row pairs for one channel, a chunked VJP),
-which give the same values to float round-off (tested). docs/sampler.md and
-docs/performance.md say more.
+(C++ kernels for single-channel bilinear float32 sampling and its VJP, whose
+own VJP is the `jnp` one, so higher orders still work; flat gather indices,
+row pairs for one channel, a chunked VJP), which give the same values to
+float round-off (tested). docs/sampler.md and docs/performance.md say more.
 """
 
 import functools

@@ -96,7 +96,8 @@ def _values(workdir):
 
 def _one_process_two_devices(workdir):
   """The same run in one process with two CPU devices: the same mesh and half-batches."""
-  code = (f"import sys; sys.path[:0] = [{TESTS!r}, {os.path.join(REPO, 'experiments', 'configs')!r}]\n"
+  configs = os.path.join(REPO, "experiments", "configs")
+  code = (f"import sys; sys.path[:0] = [{TESTS!r}, {configs!r}]\n"
           "from stnjax import train; from test_train import tiny_config\n"
           f"train.train_and_evaluate(tiny_config(), {workdir!r})")
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")

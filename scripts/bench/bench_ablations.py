@@ -120,8 +120,10 @@ def sample_only_case(h, w, c, options):
 
 
 def affine_grid_case(size, gemm):
+  """256 affine grids: `stnjax.affine_grid`, or its GEMM form (as off CPU)."""
   _, _, theta = random_batch(size, size, 1)
-  fn = jax.jit(jax.vmap(lambda t: grids._affine_grid_gemm(t, (size, size), False)) if gemm  # pylint: disable=protected-access
+  gemm_grid = grids._affine_grid_gemm  # pylint: disable=protected-access
+  fn = jax.jit(jax.vmap(lambda t: gemm_grid(t, (size, size), False)) if gemm
                else lambda t: stnjax.affine_grid(t, (size, size)))
   return lambda: fn(theta)
 

@@ -170,8 +170,8 @@ struct Avx512 {
   static void StorePairs(float* p, int64_t n, F x, F y) {
     const I low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     _mm512_mask_storeu_ps(p, FirstN(2 * n), _mm512_permutex2var_ps(x, low, y));
-    _mm512_mask_storeu_ps(p + 16, FirstN(2 * n - 16),
-                          _mm512_permutex2var_ps(x, _mm512_add_epi32(low, _mm512_set1_epi32(8)), y));
+    const I high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    _mm512_mask_storeu_ps(p + 16, FirstN(2 * n - 16), _mm512_permutex2var_ps(x, high, y));
   }
   static void StoreAll(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void StoreAllI(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
