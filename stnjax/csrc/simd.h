@@ -16,6 +16,9 @@
 #include <cmath>
 #include <cstdint>
 
+// For the helpers of kernels.inc's loops: a call would pass vectors through memory.
+#define STNJAX_INLINE inline __attribute__((always_inline))
+
 namespace stnjax {
 
 struct Scalar {
