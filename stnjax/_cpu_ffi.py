@@ -48,6 +48,7 @@ CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-c
 # The kernel's `isa` attribute: the best the CPU has, or a cap (tests, benchmarks).
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 PADDINGS = {"zeros": 0, "border": 1}
+MAX_PIXELS = 2**24  # Pixel indices are exact in float32 up to here (csrc/kernels.inc).
 
 
 class Status(NamedTuple):
@@ -141,11 +142,13 @@ def cpu_isa() -> str:
 def applies(image: jax.Array, spec, isa: str) -> bool:
   """Whether the kernels sample `image (N, H * W)` under `spec` with `isa` (a `sampler_kernel`).
 
-  Single-channel 2-D bilinear float32 with zeros or border padding, on the
-  CPU backend, where the kernels are available.
+  Single-channel 2-D bilinear float32 with zeros or border padding, images
+  of at most 2**24 pixels (the kernels compute pixel indices in float32), on
+  the CPU backend, where the kernels are available.
   """
   return (isa != "off" and spec.mode == "bilinear" and len(spec.spatial) == 2
           and spec.padding_mode in PADDINGS and image.ndim == 2 and image.dtype == jnp.float32
+          and spec.spatial[0] * spec.spatial[1] <= MAX_PIXELS
           and jax.default_backend() == "cpu" and status().available)
 
 

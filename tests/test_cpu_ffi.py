@@ -287,6 +287,10 @@ def test_takes_only_what_it_implements(rng):
   assert not _cpu_ffi.applies(one_channel, spec(mode="bicubic"), "auto")
   assert not _cpu_ffi.applies(jnp.zeros((2, 54, 3), jnp.float32), spec(), "auto")
   assert not _cpu_ffi.applies(jnp.zeros((2, 54), jnp.bfloat16), spec(), "auto")
+  big = jax.ShapeDtypeStruct((1, 4097 * 4096), jnp.float32)  # Above 2**24 pixels.
+  assert not _cpu_ffi.applies(big, spec(spatial=(4097, 4096)), "auto")
+  assert _cpu_ffi.applies(jax.ShapeDtypeStruct((1, 2**24), jnp.float32),
+                          spec(spatial=(4096, 4096)), "auto")
   image = rng.normal(size=(2, 6, 9, 1)).astype(np.float32)
   grid = rng.uniform(-1, 1, size=(2, 3, 4, 2)).astype(np.float32)
   assert uses_kernel(image, grid)

@@ -179,6 +179,9 @@ ffi::Error MakeProblem(ffi::Span<const int64_t> idims, ffi::Span<const int64_t> 
   if (padding != 0 && padding != 1) {
     return ffi::Error::InvalidArgument("stnjax grid_sample kernel: padding must be 0 or 1");
   }
+  if (p.pixels() > (int64_t{1} << 24)) {  // kernels.inc computes pixel indices in float32.
+    return ffi::Error::InvalidArgument("stnjax grid_sample kernel: at most 2**24 pixels");
+  }
   *problem = p;
   return ffi::Error::Success();
 }
