@@ -30,7 +30,7 @@ OFF = CpuOptions(sampler_kernel="off")
 JNP_VJP = CpuOptions(vjp_kernel=False)
 
 pytestmark = pytest.mark.skipif(not _cpu_ffi.status().available,
-                                reason=f"CPU sampler kernel: {_cpu_ffi.status().reason}")
+                                reason=f"CPU kernels: {_cpu_ffi.status().reason}")
 
 
 def isas_of_this_cpu():
