@@ -16,11 +16,10 @@
 // has, 1 scalar, 2 AVX2, 3 AVX-512; capped at what the CPU has).
 // Work is split in chunks over XLA's intra-op thread pool (ParallelFor).
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <thread>
 #include <utility>
