@@ -34,7 +34,7 @@ import numpy as np
 
 CSRC = pathlib.Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "cpu_kernels.cc",)
-HEADERS = (CSRC / "simd.h", CSRC / "kernels.inc")
+HEADERS = (CSRC / "parallel.h", CSRC / "simd.h", CSRC / "kernels.inc")
 TARGET = "stnjax_grid_sample_2d_f32"
 GRID_VJP_TARGET = "stnjax_grid_sample_2d_grid_vjp_f32"
 IMAGE_VJP_TARGET = "stnjax_grid_sample_2d_image_vjp_f32"

@@ -12,6 +12,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -339,6 +340,60 @@ def test_export_names_the_kernel_and_runs_with_its_check_disabled(rng):
   checks = [jax.export.DisabledSafetyCheck.custom_call(_cpu_ffi.TARGET)]
   exported = jax.export.export(fn, platforms=("cpu",), disabled_checks=checks)(image, grid)
   assert_close(exported.call(image, grid), sample(image, grid, OFF))
+
+
+_HELPER_PROBE = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # One CPU: no helper threads.
+import jax, numpy as np, stnjax
+rng = np.random.default_rng(0)
+image = rng.normal(size=(64, 12, 10, 1)).astype(np.float32)
+theta = (np.eye(2, 3) + 0.3 * rng.normal(size=(64, 2, 3))).astype(np.float32)
+cot = rng.normal(size=(64, 33, 35, 1)).astype(np.float32)
+def loss(i, t):
+  return (stnjax.grid_sample(i, stnjax.affine_grid(t, (33, 35))) * cot).sum()
+fn = jax.jit(lambda i, t: (stnjax.grid_sample(i, stnjax.affine_grid(t, (33, 35))),
+                           jax.grad(loss, (0, 1))(i, t), jax.grad(loss, (0, 1))(i[0], t)))
+np.savez(sys.argv[1], *jax.tree.leaves(fn(image, theta)))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs for helper threads")
+def test_helper_threads_change_no_bit(tmp_path):
+  # This process splits each kernel's chunks with helper threads (csrc/parallel.h);
+  # a process on one CPU has none. Values, both cotangents (a shared image's
+  # too) and the affine grid must be the same bits.
+  subprocess.run([sys.executable, "-c", _HELPER_PROBE, str(tmp_path / "one_cpu.npz")],
+                 capture_output=True, text=True, timeout=300, cwd=ROOT, check=True)
+  serial = np.load(tmp_path / "one_cpu.npz")
+  code = _HELPER_PROBE.replace("os.sched_setaffinity", "(lambda *a: None)")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path / "all_cpus.npz")],
+                 capture_output=True, text=True, timeout=300, cwd=ROOT, check=True)
+  parallel = np.load(tmp_path / "all_cpus.npz")
+  assert len(serial.files) == 5
+  for name in serial.files:
+    np.testing.assert_array_equal(parallel[name], serial[name])
+
+
+def test_concurrent_callers_share_the_helpers(rng):
+  # Python threads calling kernels at once each get their own, complete result.
+  images = rng.normal(size=(4, 128, 20, 20, 1)).astype(np.float32)
+  grid = awkward_grid(rng, (128, 20, 20, 2))
+  fn = jax.jit(lambda i: sampling.grid_sample_with_options(i, grid, cpu_options=CpuOptions()))
+  want = [sample(i, grid, OFF) for i in images]
+  results = [None] * len(images)
+
+  def run(k):
+    for _ in range(20):
+      results[k] = np.asarray(fn(images[k]))
+
+  threads = [threading.Thread(target=run, args=(k,)) for k in range(len(images))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for got, w in zip(results, want):
+    assert_close(got, w)
 
 
 def test_inside_shard_map_with_a_batch_sharded_over_two_devices():

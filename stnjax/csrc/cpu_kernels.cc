@@ -14,17 +14,15 @@
 //   cotangents are flat, (B..., M * P).
 // Attributes: padding (0 zeros, 1 border), align_corners, isa (0 best the CPU
 // has, 1 scalar, 2 AVX2, 3 AVX-512; capped at what the CPU has).
-// Work is split in chunks over XLA's intra-op thread pool (ParallelFor).
+// Work is split in chunks over the calling thread and stnjax's helper threads
+// (parallel.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <initializer_list>
-#include <memory>
-#include <thread>
-#include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -94,40 +92,6 @@ Isa ChosenIsa(int64_t isa) {
    : (isa) == kAvx2 ? ((border) ? avx2_kernels::name<true> : avx2_kernels::name<false>)     \
                     : ((border) ? scalar_kernels::name<true> : scalar_kernels::name<false>))
 
-// Runs fn(begin, end) over [0, total) in chunks of `chunk`, claimed in turn by
-// the calling thread and by helper tasks on XLA's intra-op pool. The caller
-// never waits on a task that has not started (it takes the chunks itself), so
-// this cannot deadlock when every pool thread is busy; a task that starts
-// after the work is done finds no chunk and returns.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t chunk, Fn fn) {
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
-  if (threads == 1) {
-    fn(int64_t{0}, total);
-    return;
-  }
-  struct Progress {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  // Shared with helper tasks that may start after this call has returned.
-  auto progress = std::make_shared<Progress>();
-  auto work = [=]() {
-    int64_t k;
-    while ((k = progress->next.fetch_add(1, std::memory_order_relaxed)) < chunks) {
-      fn(k * chunk, std::min(total, (k + 1) * chunk));
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (progress->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
-
 // ---------------------------------------------------------------- sampler
 
 // Shapes of one sampler call; example e = b * M + m of the flat batch reads
@@ -195,11 +159,11 @@ ffi::Error CheckF32(std::initializer_list<ffi::DataType> types) {
 }
 
 // Calls fn(example, begin, end) for the points of each example within the
-// global points [begin, end), in chunks over the pool.
+// global points [begin, end), in parallel chunks.
 template <typename Fn>
-void ForEachPointRange(ffi::ThreadPool& pool, const Problem& p, Fn fn) {
+void ForEachPointRange(const Problem& p, Fn fn) {
   const int64_t points = p.geometry.points;
-  ParallelFor(pool, p.total_points(), kChunkPoints, [=](int64_t begin, int64_t end) {
+  ParallelFor(p.total_points(), kChunkPoints, [=](int64_t begin, int64_t end) {
     while (begin < end) {
       const int64_t example = begin / points, first = example * points;
       const int64_t stop = std::min(end - first, points);
@@ -210,7 +174,7 @@ void ForEachPointRange(ffi::ThreadPool& pool, const Problem& p, Fn fn) {
 }
 
 // The sampled values (B..., M * P).
-ffi::Error Sample(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer grid,
+ffi::Error Sample(ffi::AnyBuffer image, ffi::AnyBuffer grid,
                   ffi::Result<ffi::AnyBuffer> out, int64_t padding, bool align_corners,
                   int64_t isa) {
   Problem p;
@@ -224,7 +188,7 @@ ffi::Error Sample(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer gri
   const float* image_data = static_cast<const float*>(image.untyped_data());
   const float* grid_data = static_cast<const float*>(grid.untyped_data());
   float* out_data = static_cast<float*>(out->untyped_data());
-  ForEachPointRange(pool, p, [=](int64_t e, int64_t begin, int64_t end) {
+  ForEachPointRange(p, [=](int64_t e, int64_t begin, int64_t end) {
     range(image_data + p.image_row(e) * p.pixels(),
           grid_data + p.grid_row(e) * 2 * p.geometry.points,
           out_data + e * p.geometry.points, begin, end, p.geometry);
@@ -234,7 +198,7 @@ ffi::Error Sample(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer gri
 
 // The grid cotangent, per example: (B..., M, P, 2) (a shared grid's is
 // summed over the examples by the caller).
-ffi::Error GridVjp(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer grid,
+ffi::Error GridVjp(ffi::AnyBuffer image, ffi::AnyBuffer grid,
                    ffi::AnyBuffer cotangent, ffi::Result<ffi::AnyBuffer> grid_bar,
                    int64_t padding, bool align_corners, int64_t isa) {
   Problem p;
@@ -253,7 +217,7 @@ ffi::Error GridVjp(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer gr
   const float* cot_data = static_cast<const float*>(cotangent.untyped_data());
   float* bar_data = static_cast<float*>(grid_bar->untyped_data());
   const int64_t points = p.geometry.points;
-  ForEachPointRange(pool, p, [=](int64_t e, int64_t begin, int64_t end) {
+  ForEachPointRange(p, [=](int64_t e, int64_t begin, int64_t end) {
     range(image_data + p.image_row(e) * p.pixels(), grid_data + p.grid_row(e) * 2 * points,
           cot_data + e * points, bar_data + e * 2 * points, begin, end, p.geometry);
   });
@@ -263,7 +227,7 @@ ffi::Error GridVjp(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer gr
 // The image cotangent (B..., N, H, W). Each image's buffer takes the points
 // of its examples in order; a shared image (N = 1 < M) sums
 // kSharedImageParts partial buffers, each over a fixed part of the examples.
-ffi::Error ImageVjp(ffi::ThreadPool pool, ffi::AnyBuffer grid, ffi::AnyBuffer cotangent,
+ffi::Error ImageVjp(ffi::AnyBuffer grid, ffi::AnyBuffer cotangent,
                     ffi::Result<ffi::AnyBuffer> image_bar, int64_t padding, bool align_corners,
                     int64_t isa) {
   Problem p;
@@ -288,7 +252,7 @@ ffi::Error ImageVjp(ffi::ThreadPool pool, ffi::AnyBuffer grid, ffi::AnyBuffer co
   };
   if (p.images == p.examples) {  // One image per example.
     const int64_t per_chunk = std::max<int64_t>(1, kChunkPoints / std::max<int64_t>(points, 1));
-    ParallelFor(pool, p.batch * p.examples, per_chunk, [=](int64_t begin, int64_t end) {
+    ParallelFor(p.batch * p.examples, per_chunk, [=](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         float* target = bar_data + e * pixels;
         std::fill(target, target + pixels, 0.0f);
@@ -300,7 +264,7 @@ ffi::Error ImageVjp(ffi::ThreadPool pool, ffi::AnyBuffer grid, ffi::AnyBuffer co
   const int64_t parts = std::min(p.examples, kSharedImageParts);
   std::vector<float> partial(static_cast<size_t>(p.batch * parts * pixels));
   float* partial_data = partial.data();
-  ParallelFor(pool, p.batch * parts, 1, [=](int64_t begin, int64_t end) {
+  ParallelFor(p.batch * parts, 1, [=](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = j / parts, k = j % parts;
       float* target = partial_data + j * pixels;
@@ -324,7 +288,7 @@ ffi::Error ImageVjp(ffi::ThreadPool pool, ffi::AnyBuffer grid, ffi::AnyBuffer co
 // theta (B..., 2, 3); base (B'..., W + H), the output pixels' normalised x then
 // y coordinates, with B' = B or all 1. Result (B..., H, W, 2) holding (x, y):
 // out[..., i, j, r] = (x_j * theta[r, 0] + y_i * theta[r, 1]) + theta[r, 2].
-ffi::Error AffineGrid(ffi::ThreadPool pool, ffi::AnyBuffer theta, ffi::AnyBuffer base,
+ffi::Error AffineGrid(ffi::AnyBuffer theta, ffi::AnyBuffer base,
                       ffi::Result<ffi::AnyBuffer> out, int64_t isa) {
   auto tdims = theta.dimensions();
   auto bdims = base.dimensions();
@@ -365,7 +329,7 @@ ffi::Error AffineGrid(ffi::ThreadPool pool, ffi::AnyBuffer theta, ffi::AnyBuffer
   const float* base_data = static_cast<const float*>(base.untyped_data());
   float* out_data = static_cast<float*>(out->untyped_data());
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkGridValues / (2 * width));
-  ParallelFor(pool, rows, rows_per_chunk, [=](int64_t begin, int64_t end) {
+  ParallelFor(rows, rows_per_chunk, [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t example = r / height, i = r % height;
       const float* xs = base_data + (base_batch == 1 ? 0 : example) * (width + height);
@@ -380,7 +344,6 @@ ffi::Error AffineGrid(ffi::ThreadPool pool, ffi::AnyBuffer theta, ffi::AnyBuffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxGridSample2dF32, stnjax::Sample,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -390,7 +353,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxGridSample2dF32, stnjax::Sample,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxGridSample2dGridVjpF32, stnjax::GridVjp,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -401,7 +363,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxGridSample2dGridVjpF32, stnjax::GridVjp,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxGridSample2dImageVjpF32, stnjax::ImageVjp,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -411,7 +372,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxGridSample2dImageVjpF32, stnjax::ImageVjp,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StnjaxAffineGrid2dF32, stnjax::AffineGrid,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
