@@ -32,9 +32,11 @@
 namespace stnjax {
 
 // How long an idle helper spins before it sleeps: longer than the gap between
-// the kernel calls of a jitted step or a benchmark loop, short enough that a
-// helper is asleep soon after the work stops.
-constexpr int64_t kSpinMicros = 1000;
+// back-to-back kernel calls (tens of microseconds), and short, because a CPU
+// with a spinning helper does not count as idle where XLA's own pool threads
+// wake: spinning 1 ms made the gradients at 42x42 and 60x60, where XLA's
+// loops follow the kernels, 5 to 15% slower (docs/performance.md).
+constexpr int64_t kSpinMicros = 100;
 
 // One parallel loop: fn(begin, end) over [0, total) in chunks of `chunk`.
 struct ParallelJob {
@@ -100,7 +102,9 @@ class Helpers {
         job = job_;
       }
       if (!job) continue;
-      if (sched_getcpu() == job->caller_cpu) MoveAwayFrom(job->caller_cpu);
+      if (job->caller_cpu >= 0 && sched_getcpu() == job->caller_cpu) {
+        MoveAwayFrom(job->caller_cpu);
+      }
       job->Work();
     }
   }
@@ -109,7 +113,7 @@ class Helpers {
   // of them again (which does not move it back).
   void MoveAwayFrom(int cpu) {
     cpu_set_t others = allowed_;
-    if (!CPU_ISSET(cpu, &others)) return;
+    if (cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &others)) return;
     CPU_CLR(cpu, &others);
     if (CPU_COUNT(&others) == 0) return;
     sched_setaffinity(0, sizeof(others), &others);
