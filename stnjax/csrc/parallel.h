@@ -87,8 +87,10 @@ class Helpers {
 
  private:
   Helpers() : pid_(getpid()) {
-    sched_getaffinity(0, sizeof(allowed_), &allowed_);
-    size_ = std::max(0, CPU_COUNT(&allowed_) - 1);
+    CPU_ZERO(&allowed_);
+    if (sched_getaffinity(0, sizeof(allowed_), &allowed_) == 0) {
+      size_ = std::max(0, CPU_COUNT(&allowed_) - 1);
+    }
     for (int i = 0; i < size_; ++i) std::thread([this] { Loop(); }).detach();
   }
 
