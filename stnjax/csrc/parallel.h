@@ -34,8 +34,8 @@ namespace stnjax {
 // How long an idle helper spins before it sleeps: longer than the gap between
 // back-to-back kernel calls (tens of microseconds), and short, because a CPU
 // with a spinning helper does not count as idle where XLA's own pool threads
-// wake: spinning 1 ms made the gradients at 42x42 and 60x60, where XLA's
-// loops follow the kernels, 5 to 15% slower (docs/performance.md).
+// wake: spinning longer slowed the gradients, where XLA's loops follow the
+// kernels (docs/performance.md, "C++ kernels on CPU").
 constexpr int64_t kSpinMicros = 100;
 
 // One parallel loop: fn(begin, end) over [0, total) in chunks of `chunk`.
